@@ -1,0 +1,195 @@
+"""Tests of lmcflow.models: shapes, feature-layer hooks, determinism, argument checking."""
+
+import pytest
+import torch
+from torch import nn
+
+from lmcflow.models import MLP, MODELS, VGG, ResNet20, build_model, feature_layers, has_batchnorm
+
+SHAPES = [(1, 28, 28), (3, 32, 32)]
+CASES = [
+    ("mlp", {"width": 32, "depth": 1}, False),
+    ("mlp", {"width": 32, "depth": 3}, False),
+    ("vgg", {"depth": 11, "batch_norm": True, "width": 0.125}, True),
+    ("vgg", {"depth": 11, "batch_norm": False, "width": 0.125}, False),
+    ("vgg", {"depth": 16, "batch_norm": True, "width": 0.125}, True),
+    ("vgg", {"depth": 16, "batch_norm": False, "width": 0.125}, False),
+    ("resnet20", {"width": 1, "norm": "bn"}, True),
+    ("resnet20", {"width": 1, "norm": "ln"}, False),
+    ("resnet20", {"width": 2, "norm": "bn"}, True),
+    ("resnet20", {"width": 2, "norm": "ln"}, False),
+]
+IDS = [f"{a}-" + "-".join(f"{k}{v}" for k, v in kw.items()) for a, kw, _ in CASES]
+
+
+@pytest.mark.parametrize("in_shape", SHAPES, ids=["28", "32"])
+@pytest.mark.parametrize("arch,kwargs,bn", CASES, ids=IDS)
+def test_forward_hooks_and_batchnorm(arch, kwargs, bn, in_shape):
+    torch.manual_seed(0)
+    model = build_model(arch, in_shape, 7, **kwargs)
+    assert isinstance(model, MODELS[arch])
+    assert has_batchnorm(model) is bn
+
+    names = feature_layers(model)
+    assert names == model.feature_layers()
+    assert len(names) == len(set(names))
+    modules = dict(model.named_modules())
+    fired = []
+    for name in names:
+        assert name in modules, name
+        modules[name].register_forward_hook(lambda m, i, o, name=name: fired.append(name))
+
+    x = torch.randn(2, *in_shape)
+    for mode in (model.train, model.eval):
+        mode()
+        fired.clear()
+        out = model(x)
+        assert out.shape == (2, 7)
+        assert torch.isfinite(out).all()
+        assert fired == names  # each exactly once, in the listed (forward) order
+    assert names[-1] in ("out", "fc")
+
+
+def test_relus_are_distinct_and_not_inplace():
+    for model in (MLP((1, 28, 28), 10, width=16), VGG((3, 32, 32), 10, width=0.125),
+                  ResNet20((3, 32, 32), 10)):
+        relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+        assert relus and all(not r.inplace for r in relus)
+        assert len({id(r) for r in relus}) == len(relus)
+        named = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.ReLU)]
+        assert len(named) == len(relus)  # no module registered at two positions
+
+
+def test_no_dropout():
+    for arch, kw, _ in CASES:
+        model = build_model(arch, (3, 32, 32), 10, **kw)
+        assert not any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
+
+
+def test_mlp_feature_layers_and_names():
+    m = build_model("mlp", (1, 28, 28), 10, width=512, depth=3)
+    assert feature_layers(m) == ["fc1", "relu1", "fc2", "relu2", "fc3", "relu3", "out"]
+    assert list(m.state_dict()) == [f"{n}.{p}" for n in ("fc1", "fc2", "fc3", "out")
+                                    for p in ("weight", "bias")]
+    assert feature_layers(build_model("mlp", (1, 28, 28), 10, depth=1)) == ["fc1", "relu1", "out"]
+
+
+def test_mlp_paper_parameter_count():
+    m = build_model("mlp", (1, 28, 28), 10)
+    expected = 784 * 512 + 512 + 2 * (512 * 512 + 512) + 512 * 10 + 10
+    assert sum(p.numel() for p in m.parameters()) == expected
+
+
+def test_mlp_features_are_pre_and_post_relu():
+    torch.manual_seed(0)
+    m = MLP((1, 4, 4), 3, width=8, depth=2)
+    feats = {}
+    for n in m.feature_layers():
+        m.get_submodule(n).register_forward_hook(lambda mod, i, o, n=n: feats.__setitem__(n, o))
+    m(torch.randn(5, 1, 4, 4))
+    assert (feats["fc1"] < 0).any()  # pre-activation not clobbered by an in-place ReLU
+    torch.testing.assert_close(feats["relu1"], feats["fc1"].clamp(min=0))
+    torch.testing.assert_close(feats["relu2"], feats["fc2"].clamp(min=0))
+
+
+def test_vgg_layout_and_pool_skipping():
+    m28 = VGG((1, 28, 28), 10, depth=11, batch_norm=True, width=0.125)
+    names = [n for n, _ in m28.features.named_children()]
+    assert names[:5] == ["conv1", "bn1", "relu1", "pool1", "conv2"]
+    assert [n for n in names if n.startswith("pool")] == ["pool1", "pool2", "pool3", "pool4"]
+    assert m28.out.in_features == 64  # 28->14->7->3->1, 5th pool skipped: 64 ch x 1 x 1
+    assert [m.out_channels for m in m28.features if isinstance(m, nn.Conv2d)] == \
+        [8, 16, 32, 32, 64, 64, 64, 64]
+    assert all(m.bias is not None for m in m28.features if isinstance(m, nn.Conv2d))
+
+    m32 = VGG((3, 32, 32), 10, depth=16, batch_norm=False, width=0.125)
+    names = [n for n, _ in m32.features.named_children()]
+    assert sum(n.startswith("pool") for n in names) == 5
+    assert not any(n.startswith("bn") for n in names)
+    assert sum(n.startswith("conv") for n in names) == 13
+    fl = m32.feature_layers()
+    assert fl[:2] == ["features.conv1", "features.relu1"] and fl[-3:] == \
+        ["features.conv13", "features.relu13", "out"]
+
+    # An input too large for the pools: the classifier sees a 2x2 map.
+    big = VGG((3, 64, 64), 4, depth=11, batch_norm=False, width=0.125)
+    assert big.out.in_features == 64 * 2 * 2
+    assert big(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+    m_full = VGG((3, 32, 32), 10, depth=11)
+    assert [m.out_channels for m in m_full.features if isinstance(m, nn.Conv2d)] == \
+        [64, 128, 256, 256, 512, 512, 512, 512]
+
+
+def test_resnet20_structure():
+    m = ResNet20((3, 32, 32), 10, width=2, norm="ln")
+    assert [n for n, _ in m.stem.named_children()] == ["conv", "norm", "relu"]
+    assert m.stem.conv.out_channels == 32 and m.fc.in_features == 128
+    assert isinstance(m.layer1[0].norm1, nn.GroupNorm) and m.layer1[0].norm1.num_groups == 1
+    convs = [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)]
+    assert len(convs) == 1 + 18 + 2  # stem + 2 per block + 2 projection shortcuts
+    assert all(mod.bias is None for mod in m.modules() if isinstance(mod, nn.Conv2d))
+    assert m.layer1[0].shortcut is None and m.layer2[1].shortcut is None
+    for name in ("layer2", "layer3"):
+        sc = getattr(m, name)[0].shortcut
+        assert isinstance(sc.conv, nn.Conv2d) and sc.conv.kernel_size == (1, 1)
+        assert sc.conv.stride == (2, 2)
+    feats = {}
+    for n in m.feature_layers():
+        m.get_submodule(n).register_forward_hook(lambda mod, i, o, n=n: feats.__setitem__(n, o))
+    m(torch.randn(2, 3, 32, 32))
+    assert feats["stem"].shape == (2, 32, 32, 32)
+    assert feats["layer2.0"].shape == (2, 64, 16, 16)
+    assert feats["layer3.2"].shape == (2, 128, 8, 8)
+    assert all((feats[n] >= 0).all() for n in m.feature_layers()[:-1])  # post-ReLU
+    # Float widths round: 16 * 0.5 = 8 channels.
+    assert ResNet20((3, 32, 32), 10, width=0.5).stem.conv.out_channels == 8
+
+
+def test_layernorm_variant_is_batch_independent():
+    torch.manual_seed(0)
+    m = build_model("resnet20", (3, 32, 32), 10, width=1, norm="ln").train()
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(m(x)[:1], m(x[:1]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,kwargs,_bn", CASES[::2], ids=IDS[::2])
+def test_same_seed_same_weights(arch, kwargs, _bn):
+    sds = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        sds.append(build_model(arch, (3, 32, 32), 10, **kwargs).state_dict())
+    assert sds[0].keys() == sds[1].keys()
+    assert all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
+    torch.manual_seed(124)
+    other = build_model(arch, (3, 32, 32), 10, **kwargs).state_dict()
+    assert any(not torch.equal(sds[0][k], other[k]) for k in other if other[k].is_floating_point())
+
+
+def test_bad_arch():
+    with pytest.raises(ValueError, match="resnet18") as e:
+        build_model("resnet18", (3, 32, 32), 10)
+    for name in MODELS:
+        assert name in str(e.value)
+
+
+@pytest.mark.parametrize("arch,args,needle", [
+    ("mlp", {"widht": 2}, "widht"),
+    ("vgg", {"depth": 13}, "depth"),
+    ("vgg", {"norm": "bn"}, "norm"),
+    ("resnet20", {"norm": "in"}, "norm"),
+    ("resnet20", {"depth": 20}, "depth"),
+    ("mlp", {"depth": 0}, "depth"),
+])
+def test_bad_args(arch, args, needle):
+    with pytest.raises(ValueError, match=needle) as e:
+        build_model(arch, (3, 32, 32), 10, **args)
+    msg = str(e.value)
+    accepted = {"mlp": ["width", "depth"], "vgg": ["depth", "batch_norm", "width"],
+                "resnet20": ["width", "norm"]}[arch]
+    assert all(a in msg for a in accepted), msg
+
+
+def test_bad_in_shape():
+    with pytest.raises(ValueError, match="in_shape"):
+        build_model("mlp", (28, 28), 10)

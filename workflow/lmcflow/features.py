@@ -1,0 +1,112 @@
+"""Feature maps of named layers, streamed to Parquet batch by batch and read back the same way.
+
+File layout (one file per pair): one row per probe sample, a `sample` column (index into the test
+split) and one column per (network, layer) named "{network}/{layer}", where network is "A", "B"
+or "alpha=0.25"-style; each cell is the layer's output for that sample flattened to float32
+(a fixed-size list). One Parquet row group per forward batch, so writing holds one batch of
+features in memory and readers iterate row groups (`iter_feature_batches`) instead of loading the
+file. Schema metadata records the networks and layers in order.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from .io import atomic_path
+
+
+def column(network: str, layer: str) -> str:
+    return f"{network}/{layer}"
+
+
+def alpha_network(alpha: float) -> str:
+    return f"alpha={alpha:g}"
+
+
+@contextmanager
+def capture(model: nn.Module, layers: list[str]):
+    """Record the outputs of `layers` (module names) during forward passes: name -> (B, D)."""
+    modules = dict(model.named_modules())
+    missing = [name for name in layers if name not in modules]
+    if missing:
+        raise KeyError(f"layers {missing} are not modules of {type(model).__name__}")
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_module, _inputs, output):
+            store[name] = output.detach().flatten(1)
+        return fn
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def probe_indices(n: int, size: int, seed: int) -> np.ndarray:
+    """A fixed, sorted random subset of `size` indices out of n (all of them if size >= n)."""
+    if size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+@torch.no_grad()
+def write_features(path: str | Path, networks: dict[str, nn.Module], layers: list[str],
+                   x: torch.Tensor, samples: np.ndarray, normalize: Callable, batch_size: int,
+                   device="cpu", metadata: dict | None = None, log=print) -> None:
+    """Run every network on x[samples] batch by batch; write one row group per batch."""
+    writer = None
+    with atomic_path(path) as tmp:
+        try:
+            for start in range(0, len(samples), batch_size):
+                idx = samples[start:start + batch_size]
+                xb = normalize(x[torch.as_tensor(idx)].to(device))
+                arrays = {"sample": pa.array(idx, pa.int64())}
+                for net_name, net in networks.items():
+                    net.eval()
+                    with capture(net, layers) as store:
+                        net(xb)
+                    for layer in layers:
+                        feats = store[layer].float().cpu().numpy()  # (B, D)
+                        arrays[column(net_name, layer)] = pa.FixedSizeListArray.from_arrays(
+                            feats.reshape(-1), feats.shape[1])
+                table = pa.table(arrays)
+                if writer is None:
+                    meta = {"networks": list(networks), "layers": layers, **(metadata or {})}
+                    schema = table.schema.with_metadata({"lmcflow": json.dumps(meta)})
+                    writer = pq.ParquetWriter(tmp, schema)
+                writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
+                log(f"features: {start + len(idx)}/{len(samples)} samples")
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+def read_metadata(path: str | Path) -> dict:
+    return json.loads(pq.read_schema(path).metadata[b"lmcflow"])
+
+
+def iter_feature_batches(path: str | Path, columns: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """Yield {column: array} one row group at a time; feature columns come as (B, D) float32."""
+    file = pq.ParquetFile(path)
+    for group in range(file.num_row_groups):
+        table = file.read_row_group(group, columns=columns)
+        out = {}
+        for name in columns:
+            col = table.column(name).combine_chunks()
+            if pa.types.is_fixed_size_list(col.type):
+                out[name] = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+            else:
+                out[name] = col.to_numpy()
+        yield out

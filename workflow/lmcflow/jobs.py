@@ -1,0 +1,64 @@
+"""Glue between a Snakemake job and the package: logging, threads, device, rebuilding models.
+
+Every script starts with `log, device = jobs.start(snakemake)`: its messages go to the rule's
+log file (and stderr), torch uses the rule's `threads`, and the device follows the experiment's
+`device` setting. Scripts then call one package function and write one artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import torch
+from torch import nn
+
+from .data import Data, load_dataset
+from .models import build_model
+from .training import resolve_device
+
+
+def start(snakemake) -> tuple:
+    """Set up logging to snakemake.log[0], torch threads and the device; return (log, device)."""
+    logger = logging.getLogger(f"lmcflow.{snakemake.rule}")
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if snakemake.log:
+        handlers.append(logging.FileHandler(snakemake.log[0], mode="w"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    torch.set_num_threads(max(1, snakemake.threads))
+    device = resolve_device(snakemake.params.get("device", "auto") if hasattr(snakemake.params, "get")
+                            else "auto")
+    wildcards = ", ".join(f"{k}={v}" for k, v in snakemake.wildcards.items())
+    logger.info(f"{snakemake.rule} [{wildcards}] on {device}, {torch.get_num_threads()} threads")
+    return logger.info, device
+
+
+def model_spec(data: Data, model_args: dict) -> dict:
+    """Everything needed to rebuild a network: arch, its args, input shape, classes."""
+    args = dict(model_args)
+    return {"arch": args.pop("arch"), "args": args, "in_shape": list(data.shape),
+            "num_classes": data.num_classes}
+
+
+def build(spec: dict, device="cpu", seed: int | None = None) -> nn.Module:
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = build_model(spec["arch"], tuple(spec["in_shape"]), spec["num_classes"], **spec["args"])
+    return model.to(device)
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __str__(self):
+        return f"{time.perf_counter() - self.t0:.1f}s"
+
+
+__all__ = ["start", "model_spec", "build", "load_dataset", "Timer"]

@@ -1,0 +1,107 @@
+"""Metrics of the LLFC and LMC papers: cosines, the LLFC scale ``c`` and barriers.
+
+Convention: the interpolated network is ``theta_alpha = alpha*theta_A + (1-alpha)*theta_B``,
+so ``alpha = 1`` is model A and ``alpha = 0`` is model B. Feature maps are flattened to
+one row per sample, shape ``(N, D)``.
+
+All per-sample reductions run in float64: feature vectors have up to ~10^5 entries and
+``1 - cos`` is small (often < 1e-3), so float32 dot products would drown the signal in
+rounding error.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+__all__ = ["cosine", "coef_c", "llfc_batch", "linear_baseline", "barrier", "barriers"]
+
+
+def _rows64(x: Tensor) -> Tensor:
+    """(N, ...) -> (N, D) float64, so every sum below accumulates in double precision."""
+    return x.reshape(x.shape[0], -1).to(torch.float64)
+
+
+def cosine(x: Tensor, y: Tensor) -> Tensor:
+    """Signed per-row cosine similarity of ``x`` and ``y``, both (N, D) -> float64 (N,).
+
+    Inputs are cast to float64 *before* the dot product and norms. A row where either
+    norm is zero has no direction, so its cosine is NaN (not 0, which would look like
+    orthogonality); aggregate with NaN-aware reductions.
+    """
+    x, y = _rows64(x), _rows64(y)
+    dot = (x * y).sum(dim=1)
+    norm = torch.linalg.vector_norm(x, dim=1) * torch.linalg.vector_norm(y, dim=1)
+    return torch.where(norm > 0, dot / norm, torch.full_like(dot, float("nan")))
+
+
+def coef_c(f_alpha: Tensor, target: Tensor) -> Tensor:
+    """Least-squares scale ``c`` per row with ``c * f_alpha ≈ target``; (N, D) -> float64 (N,).
+
+    ``c = <f_alpha, target> / <f_alpha, f_alpha>``. LLFC states the interpolated features
+    equal the interpolated endpoint features *up to a scale*; ``c`` is that scale (≈ 1 for
+    exact linearity). NaN where the ``f_alpha`` row is zero (any ``c`` fits).
+    """
+    f, t = _rows64(f_alpha), _rows64(target)
+    num, den = (f * t).sum(dim=1), (f * f).sum(dim=1)
+    return torch.where(den > 0, num / den, torch.full_like(num, float("nan")))
+
+
+def llfc_batch(f_a: Tensor, f_b: Tensor, f_alpha: Tensor, alpha: float) -> dict[str, Tensor]:
+    """LLFC quantities for one batch of one layer; all inputs (N, D), outputs float64 (N,).
+
+    - ``one_minus_cos_alpha``: 1 - cos(f(theta_alpha), alpha*f(theta_A) + (1-alpha)*f(theta_B))
+    - ``one_minus_cos_ab``: 1 - cos(f(theta_A), f(theta_B)), the baseline LLFC must beat
+    - ``coef_c``: scale c with c*f(theta_alpha) ≈ the interpolated target
+    The target is formed in float64 so that it is not itself a source of rounding error.
+    """
+    f_a, f_b, f_alpha = _rows64(f_a), _rows64(f_b), _rows64(f_alpha)
+    target = alpha * f_a + (1.0 - alpha) * f_b
+    return {
+        "one_minus_cos_alpha": 1.0 - cosine(f_alpha, target),
+        "one_minus_cos_ab": 1.0 - cosine(f_a, f_b),
+        "coef_c": coef_c(f_alpha, target),
+    }
+
+
+def linear_baseline(alphas, values_at_1, values_at_0):
+    """Straight line between the endpoints: ``alpha*v(1) + (1-alpha)*v(0)`` (broadcasts)."""
+    a = np.asarray(alphas, dtype=np.float64)
+    return a * values_at_1 + (1.0 - a) * values_at_0
+
+
+def barrier(alphas: Sequence[float], values: Sequence[float]) -> float:
+    """Barrier = max over the grid of ``v(alpha) - linear_baseline(alpha)``.
+
+    The grid may be in any order but must contain 0 and 1 (the endpoints define the
+    baseline); otherwise ValueError. Since the endpoints are on the grid the result is
+    >= 0 up to rounding: 0 means linearly mode-connected on this grid.
+    """
+    a = np.asarray(alphas, dtype=np.float64).ravel()
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if a.shape != v.shape:
+        raise ValueError(f"alphas and values differ in length: {a.size} vs {v.size}")
+    i1, i0 = np.flatnonzero(np.isclose(a, 1.0)), np.flatnonzero(np.isclose(a, 0.0))
+    if i1.size == 0 or i0.size == 0:
+        raise ValueError("barrier needs alpha = 0 and alpha = 1 on the grid")
+    return float(np.max(v - linear_baseline(a, v[i1[0]], v[i0[0]])))
+
+
+def barriers(lmc: pd.DataFrame) -> pd.DataFrame:
+    """Loss and error barriers per curve of a long LMC table.
+
+    ``lmc`` has columns experiment, method, pair, alpha, split, loss, error and maybe other
+    id columns (e.g. ``bn``). A curve is every combination of the columns other than
+    alpha/loss/error; returns one row per curve with those id columns plus
+    ``loss_barrier`` and ``error_barrier`` (same units as loss/error).
+    """
+    keys = [c for c in lmc.columns if c not in ("alpha", "loss", "error")]
+    rows = []
+    for key, g in lmc.groupby(keys, sort=True, dropna=False):
+        rows.append({**dict(zip(keys, key)),
+                     "loss_barrier": barrier(g["alpha"], g["loss"]),
+                     "error_barrier": barrier(g["alpha"], g["error"])})
+    return pd.DataFrame(rows, columns=[*keys, "loss_barrier", "error_barrier"])

@@ -1,0 +1,185 @@
+"""Training: SGD with a per-epoch lr schedule, seeded SGD noise, per-epoch checkpoints, resume.
+
+Randomness is split into two seeds (DESIGN: "separate init and data-order seeds"):
+- `init_seed` seeds the weights (torch.manual_seed right before the model is built);
+- `noise_seed` seeds the SGD noise: for epoch e, data order and augmentation draw from a generator
+  seeded with derive_seed(noise_seed, e), and the global RNG (dropout) is reseeded the same way.
+Because every epoch's noise depends only on (noise_seed, epoch), a run resumed from its epoch-k
+checkpoint continues exactly as an uninterrupted run (bit-for-bit on CPU), and a spawned child is
+a parent checkpoint continued with another noise_seed.
+
+The lr schedule is a pure function of the epoch (`lr_at`), so the "scheduler state" of a
+checkpoint is its epoch counter; checkpoints hold only tensors and plain values and load with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainSetting
+from .data import Data
+from .io import load_torch, save_torch
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed from a tuple of integers (numpy SeedSequence: well mixed, reproducible)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was requested but torch sees no GPU; use device: auto or cpu")
+    return torch.device(device)
+
+
+def lr_at(s: TrainSetting, epoch: int) -> float:
+    """Learning rate used during epoch `epoch` (0-based)."""
+    if s.schedule == "constant":
+        return s.lr
+    if s.schedule == "multistep":
+        return s.lr * s.gamma ** sum(epoch >= m for m in s.milestones)
+    if s.schedule == "cosine":
+        return 0.5 * s.lr * (1 + math.cos(math.pi * epoch / s.epochs))
+    raise ValueError(f"unknown schedule {s.schedule!r}; choose constant, multistep or cosine")
+
+
+def make_optimizer(model: nn.Module, s: TrainSetting) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
+                           nesterov=s.nesterov, weight_decay=s.weight_decay)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip on a uint8 batch (B, C, H, W)."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    flip = torch.rand(b, generator=gen) < 0.5
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].to(x.device)  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].to(x.device)  # (B, 1, 1, W)
+    cols = torch.where(flip.to(x.device)[:, None, None, None], cols.flip(-1), cols)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def train_epoch(model, opt, data: Data, s: TrainSetting, epoch: int, noise_seed: int,
+                device: torch.device) -> tuple[float, float]:
+    """One epoch of SGD; returns (mean train loss, train error) over the batches seen."""
+    gen = torch.Generator().manual_seed(derive_seed(noise_seed, epoch))
+    torch.manual_seed(derive_seed(noise_seed, epoch, 1))  # dropout and any other global draw
+    for group in opt.param_groups:
+        group["lr"] = lr_at(s, epoch)
+    model.train()
+    order = torch.randperm(len(data.train_y), generator=gen)
+    total_loss, wrong = 0.0, 0
+    for start in range(0, len(order), s.batch_size):
+        idx = order[start:start + s.batch_size]
+        x = data.train_x[idx]
+        if s.augment:
+            x = augment(x, gen)
+        x, y = data.normalize(x.to(device)), data.train_y[idx].to(device)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total_loss += loss.item() * len(idx)
+        wrong += (logits.argmax(1) != y).sum().item()
+    return total_loss / len(order), wrong / len(order)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Callable,
+             batch_size: int = 1000, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(mean cross-entropy, error rate) of `model` in eval mode on uint8 inputs x."""
+    model.eval()
+    loss, wrong = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        xb = normalize(x[start:start + batch_size].to(device))
+        yb = y[start:start + batch_size].to(device)
+        logits = model(xb).double()
+        loss += F.cross_entropy(logits, yb, reduction="sum").item()
+        wrong += (logits.argmax(1) != yb).sum().item()
+    return loss / len(y), wrong / len(y)
+
+
+# ------------------------------------------------------------------------ checkpoints and runs
+
+
+def checkpoint(model, opt, epoch: int, meta: dict) -> dict:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "meta": meta}
+
+
+def _ckpt_path(ckpt_dir: Path, epoch: int) -> Path:
+    return ckpt_dir / f"epoch_{epoch:04d}.pt"
+
+
+def latest_checkpoint(ckpt_dir: Path, meta: dict, log=print) -> dict | None:
+    """The newest readable checkpoint in `ckpt_dir` made with the same `meta`, else None.
+
+    A checkpoint of another setting (the config changed) or a truncated file is skipped with a
+    message, never resumed from.
+    """
+    for path in sorted(ckpt_dir.glob("epoch_*.pt"), reverse=True):
+        try:
+            ckpt = load_torch(path)
+        except ValueError as err:
+            log(f"skipping unreadable checkpoint: {err}")
+            continue
+        if ckpt.get("meta") == meta:
+            return ckpt
+        log(f"ignoring {path}: made with another setting")
+    return None
+
+
+def run_training(model: nn.Module, data: Data, s: TrainSetting, *, noise_seed: int,
+                 ckpt_dir: str | Path, meta: dict, stop_epoch: int | None = None,
+                 start: dict | None = None, device: torch.device | str = "cpu",
+                 log: Callable[[str], None] = print) -> dict:
+    """Train `model` from epoch 0 (or from the checkpoint `start`) up to `stop_epoch`.
+
+    Saves a checkpoint after every epoch into `ckpt_dir` (keeping the newest one and those listed
+    in `s.checkpoint_epochs`) and resumes from the newest matching one found there. Returns the
+    final checkpoint dict (model, optimizer, epoch, meta).
+    """
+    device = torch.device(device)
+    stop_epoch = s.epochs if stop_epoch is None else stop_epoch
+    ckpt_dir = Path(ckpt_dir)
+    model.to(device)
+    opt = make_optimizer(model, s)
+    resume = latest_checkpoint(ckpt_dir, meta, log) or start
+    epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        epoch = resume["epoch"]
+        log(f"resuming at epoch {epoch}" + (" (from the parent)" if resume is start else ""))
+    while epoch < stop_epoch:
+        t0 = time.perf_counter()
+        loss, err = train_epoch(model, opt, data, s, epoch, noise_seed, device)
+        epoch += 1
+        test_loss, test_err = evaluate(model, data.test_x, data.test_y, data.normalize, device=device)
+        log(f"epoch {epoch}/{stop_epoch} lr {lr_at(s, epoch - 1):.4g} train loss {loss:.4f} "
+            f"err {100 * err:.2f}% | test loss {test_loss:.4f} err {100 * test_err:.2f}% "
+            f"| {time.perf_counter() - t0:.1f}s")
+        save_torch(checkpoint(model, opt, epoch, meta), _ckpt_path(ckpt_dir, epoch))
+        _prune(ckpt_dir, keep={epoch, *s.checkpoint_epochs})
+    return checkpoint(model, opt, epoch, meta)
+
+
+def _prune(ckpt_dir: Path, keep: set[int]) -> None:
+    for path in ckpt_dir.glob("epoch_*.pt"):
+        if int(path.stem.split("_")[1]) not in keep:
+            path.unlink()
