@@ -100,3 +100,13 @@ def test_no_open_figures_left(lmc, llfc, tmp_path):
     fig_lmc(lmc, tmp_path / "a.pdf")
     fig_llfc(llfc, tmp_path / "b.pdf")
     assert plt.get_fignums() == []
+
+
+def test_bn_mode_is_chosen_per_experiment():
+    """An experiment without BatchNorm ("none") keeps its rows beside one with two modes."""
+    from lmcflow.figures import _one_bn_mode
+
+    df = pd.DataFrame({"experiment": ["mlp", "vgg", "vgg"], "bn": ["none", "reset", "interpolate"],
+                       "loss": [1.0, 2.0, 3.0]})
+    kept = _one_bn_mode(df)
+    assert sorted(zip(kept["experiment"], kept["bn"])) == [("mlp", "none"), ("vgg", "reset")]

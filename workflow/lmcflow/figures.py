@@ -37,17 +37,19 @@ def _save(fig: plt.Figure, out_pdf: str | Path) -> None:
 
 
 def _one_bn_mode(df: pd.DataFrame) -> pd.DataFrame:
-    """Keep a single BatchNorm mode if the table holds several.
+    """Keep a single BatchNorm mode per experiment if the table holds several.
 
-    Rule (kept simple): if a ``bn`` column has more than one value, use ``"reset"``
-    (BN statistics re-estimated after interpolation, the meaningful curve) when present,
-    else the first value in row order.
+    Per experiment: use ``"reset"`` (BN statistics re-estimated after interpolation, the
+    meaningful curve) when present, else its only (or first) value, e.g. ``"none"`` for
+    models without BatchNorm.
     """
-    if "bn" not in df.columns or df["bn"].nunique(dropna=False) <= 1:
+    if "bn" not in df.columns:
         return df
-    values = list(df["bn"].unique())
-    keep = "reset" if "reset" in values else values[0]
-    return df[df["bn"] == keep]
+    parts = []
+    for _, g in df.groupby("experiment", sort=False):
+        values = list(g["bn"].unique())
+        parts.append(g[g["bn"] == ("reset" if "reset" in values else values[0])])
+    return pd.concat(parts)
 
 
 def fig_lmc(lmc: pd.DataFrame, out_pdf: str | Path) -> None:

@@ -19,7 +19,7 @@ from .models import build_model
 from .training import resolve_device
 
 
-def start(snakemake) -> tuple:
+def start(snakemake, device: str = "auto") -> tuple:
     """Set up logging to snakemake.log[0], torch threads and the device; return (log, device)."""
     logger = logging.getLogger(f"lmcflow.{snakemake.rule}")
     logger.setLevel(logging.INFO)
@@ -32,8 +32,7 @@ def start(snakemake) -> tuple:
         h.setFormatter(fmt)
         logger.addHandler(h)
     torch.set_num_threads(max(1, snakemake.threads))
-    device = resolve_device(snakemake.params.get("device", "auto") if hasattr(snakemake.params, "get")
-                            else "auto")
+    device = resolve_device(device)
     wildcards = ", ".join(f"{k}={v}" for k, v in snakemake.wildcards.items())
     logger.info(f"{snakemake.rule} [{wildcards}] on {device}, {torch.get_num_threads()} threads")
     return logger.info, device
@@ -61,4 +60,14 @@ class Timer:
         return f"{time.perf_counter() - self.t0:.1f}s"
 
 
-__all__ = ["start", "model_spec", "build", "load_dataset", "Timer"]
+
+
+def with_ids(df, wildcards, **extra):
+    """Prefix a table with the identity columns every table shares: experiment, method, pair."""
+    ids = {k: wildcards[k] for k in ("experiment", "method", "pair")} | extra
+    for i, (key, value) in enumerate(ids.items()):
+        df.insert(i, key, value)
+    return df
+
+
+__all__ = ["start", "model_spec", "build", "load_dataset", "Timer", "with_ids"]

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-__all__ = ["cosine", "coef_c", "llfc_batch", "linear_baseline", "barrier", "barriers"]
+__all__ = ["cosine", "coef_c", "llfc_batch", "linear_baseline", "barrier", "barriers", "llfc_table"]
 
 
 def _rows64(x: Tensor) -> Tensor:
@@ -105,3 +105,29 @@ def barriers(lmc: pd.DataFrame) -> pd.DataFrame:
                      "loss_barrier": barrier(g["alpha"], g["loss"]),
                      "error_barrier": barrier(g["alpha"], g["error"])})
     return pd.DataFrame(rows, columns=[*keys, "loss_barrier", "error_barrier"])
+
+
+def llfc_table(features_path, alphas: Sequence[float] | None = None) -> pd.DataFrame:
+    """Per sample, layer and α: 1 − cos_α, 1 − cos_AB and c, from a features Parquet file.
+
+    Streams the file one row group at a time (`features.iter_feature_batches`), so memory holds
+    one batch of features, never the whole probe set. Columns: alpha, layer, layer_index,
+    sample, one_minus_cos_alpha, one_minus_cos_ab, coef_c.
+    """
+    from .features import alpha_network, column, iter_feature_batches, read_metadata
+
+    layers = read_metadata(features_path)["layers"]
+    if alphas is None:
+        alphas = [float(n.split("=")[1]) for n in read_metadata(features_path)["networks"]
+                  if n.startswith("alpha=")]
+    frames = []
+    for i, layer in enumerate(layers):
+        nets = ["A", "B", *(alpha_network(a) for a in alphas)]
+        for batch in iter_feature_batches(features_path, ["sample", *(column(n, layer) for n in nets)]):
+            f_a, f_b = (torch.from_numpy(batch[column(n, layer)]) for n in ("A", "B"))
+            for alpha in alphas:
+                f_alpha = torch.from_numpy(batch[column(alpha_network(alpha), layer)])
+                values = {k: v.numpy() for k, v in llfc_batch(f_a, f_b, f_alpha, alpha).items()}
+                frames.append(pd.DataFrame({"alpha": alpha, "layer": layer, "layer_index": i,
+                                            "sample": batch["sample"], **values}))
+    return pd.concat(frames, ignore_index=True)

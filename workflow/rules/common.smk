@@ -1,0 +1,89 @@
+# Config validation (once, at load) and the input/params helpers of every rule.
+# Results layout:
+#   results/{experiment}/runs/{run}/final.pt           training runs (see lmcflow.pairs)
+#   results/{experiment}/pairs/{method}/{pair}/...     endpoints, lmc, features, llfc
+#   results/tables/{table}.parquet, results/figures/fig*.pdf
+import os
+import sys
+
+sys.path.insert(0, os.path.join(workflow.basedir, "workflow"))
+# Jobs run scripts in fresh interpreters (locally, on SLURM, in conda envs): they find the
+# package through PYTHONPATH, so no install step is needed to run the workflow.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [os.path.join(workflow.basedir, "workflow"), os.environ.get("PYTHONPATH", "")]
+).rstrip(os.pathsep)
+
+from lmcflow.config import ConfigError, validate
+from lmcflow.pairs import METHODS, get_method, pair_index, pair_name
+from lmcflow.training import derive_seed
+
+try:
+    validate(config)
+except ConfigError as err:
+    raise WorkflowError(f"{err}\nFix it in the config file (see README: configuration).") from None
+
+EXPERIMENTS = config["experiments"]
+FIGURES = ["results/figures/fig1.pdf", "results/figures/fig3.pdf"]
+ENV = "../../envs/lmcflow.yaml"
+
+
+wildcard_constraints:
+    experiment="|".join(map(re.escape, EXPERIMENTS)),
+    method="|".join(METHODS),
+    pair=r"pair\d+",
+    seed=r"\d+",
+    child=r"\d+",
+
+
+def exp(wildcards):
+    return EXPERIMENTS[wildcards.experiment]
+
+
+def heavy_threads(wildcards):
+    return exp(wildcards)["threads"]
+
+
+def all_pairs():
+    """(experiment, method, pair) of every pair the config asks for."""
+    return [(name, method, pair_name(p))
+            for name, e in EXPERIMENTS.items() for method in e["methods"] for p in range(e["pairs"])]
+
+
+def pair_files(filename):
+    return [f"results/{e}/pairs/{m}/{p}/{filename}" for e, m, p in all_pairs()]
+
+
+# ------------------------------------------------------------------ params: one experiment's values
+
+
+def run_params(kind):
+    """Params of a training run of `kind` independent | parent | child: everything the run depends
+    on, which is also the identity its checkpoints are resumed by."""
+
+    def params(wildcards):
+        e = exp(wildcards)
+        seed = int(wildcards.seed)
+        run = {"data": e["data"], "model": e["model"], "train": e["train"], "device": e["device"],
+               "init_seed": seed, "noise_seed": seed, "stop_epoch": e["train"]["epochs"]}
+        if kind == "parent":
+            run["stop_epoch"] = e["spawn_epoch"]
+        elif kind == "child":
+            run["noise_seed"] = derive_seed(seed, int(wildcards.child) + 1)
+            run["spawn_epoch"] = e["spawn_epoch"]
+        return run
+
+    return params
+
+
+def eval_params(wildcards):
+    """What evaluating a pair depends on: data, model, device and the LMC/LLFC settings."""
+    e = exp(wildcards)
+    return {"data": e["data"], "model": e["model"], "device": e["device"], "lmc": e["lmc"],
+            "llfc": e["llfc"], "seed": e["seed"]}
+
+
+def get_make_pair_input(wildcards):
+    e = exp(wildcards)
+    run_a, run_b = get_method(wildcards.method).endpoints(e["seed"], pair_index(wildcards.pair))
+    root = f"results/{wildcards.experiment}/runs"
+    return {"a": f"{root}/{run_a}/final.pt", "b": f"{root}/{run_b}/final.pt"}

@@ -1,0 +1,20 @@
+"""Make one pair's endpoints: model_a.pt, model_b.pt (plain state dicts) and pair.json."""
+
+from lmcflow import jobs
+from lmcflow.io import load_torch, save_json, save_torch
+from lmcflow.pairs import get_method
+
+setting = snakemake.params.setting
+log, device = jobs.start(snakemake, setting["device"])
+run_a, run_b = load_torch(snakemake.input.a), load_torch(snakemake.input.b)
+method = get_method(snakemake.wildcards.method)
+state_a, state_b, extra = run_a["model"], run_b["model"], {}
+if method.align is not None:
+    state_b, extra = method.align(run_a, run_b, setting, device=device, log=log)
+save_torch(state_a, snakemake.output.a)
+save_torch(state_b, snakemake.output.b)
+save_json({**dict(snakemake.wildcards.items()), "method_description": method.description,
+           "runs": {"a": snakemake.input.a, "b": snakemake.input.b},
+           "epochs": {"a": run_a["epoch"], "b": run_b["epoch"]}, "spec": run_a["spec"], **extra},
+          snakemake.output.info)
+log(f"pair written: {snakemake.output.a}, {snakemake.output.b}")

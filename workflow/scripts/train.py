@@ -1,0 +1,27 @@
+"""Train one run (independent, spawning parent, or a child continuing from the parent)."""
+
+from pathlib import Path
+
+from lmcflow import jobs
+from lmcflow.config import TrainSetting
+from lmcflow.io import load_torch, save_torch
+from lmcflow.training import run_training
+
+run = snakemake.params.run
+log, device = jobs.start(snakemake, run["device"])
+data = jobs.load_dataset(**run["data"])
+spec = jobs.model_spec(data, run["model"])
+model = jobs.build(spec, device, seed=run["init_seed"])
+parent = load_torch(snakemake.input.parent) if "parent" in snakemake.input.keys() else None
+if parent is not None and parent["epoch"] != run["spawn_epoch"]:
+    raise ValueError(f"{snakemake.input.parent} is at epoch {parent['epoch']}, not spawn_epoch "
+                     f"{run['spawn_epoch']}; delete it and re-run")
+timer = jobs.Timer()
+final = run_training(
+    model, data, TrainSetting(**run["train"]), noise_seed=run["noise_seed"],
+    ckpt_dir=Path(snakemake.output[0]).parent / "checkpoints", meta=run,
+    stop_epoch=run["stop_epoch"], start=parent, device=device, log=log,
+)
+final["spec"] = spec
+save_torch(final, snakemake.output[0])
+log(f"done in {timer}: {snakemake.output[0]}")
