@@ -43,6 +43,11 @@ def heavy_threads(wildcards):
     return exp(wildcards)["threads"]
 
 
+def gpus(wildcards):
+    """GPUs a heavy job asks the executor for (SLURM: --gpus): one when device is cuda."""
+    return 1 if exp(wildcards)["device"] == "cuda" else 0
+
+
 def all_pairs():
     """(experiment, method, pair) of every pair the config asks for."""
     return [(name, method, pair_name(p))

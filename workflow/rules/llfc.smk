@@ -11,6 +11,8 @@ rule features:
     params:
         setting=eval_params,
     threads: heavy_threads
+    resources:
+        gpu=gpus,
     log:
         "logs/{experiment}/pairs/{method}/{pair}/features.log",
     benchmark:

@@ -30,6 +30,8 @@ rule lmc:
     params:
         setting=eval_params,
     threads: heavy_threads
+    resources:
+        gpu=gpus,
     log:
         "logs/{experiment}/pairs/{method}/{pair}/lmc.log",
     benchmark:

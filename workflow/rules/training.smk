@@ -8,6 +8,8 @@ rule train:
     params:
         run=run_params("independent"),
     threads: heavy_threads
+    resources:
+        gpu=gpus,
     log:
         "logs/{experiment}/runs/seed{seed}.log",
     benchmark:
