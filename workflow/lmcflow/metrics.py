@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-__all__ = ["cosine", "coef_c", "llfc_batch", "linear_baseline", "barrier", "barriers", "llfc_table"]
+__all__ = ["cosine", "coef_c", "llfc_batch", "linear_baseline", "barrier", "barriers", "llfc_table",
+           "dist", "DistAccumulator"]
 
 
 def _rows64(x: Tensor) -> Tensor:
@@ -131,3 +132,38 @@ def llfc_table(features_path, alphas: Sequence[float] | None = None) -> pd.DataF
                 frames.append(pd.DataFrame({"alpha": alpha, "layer": layer, "layer_index": i,
                                             "sample": batch["sample"], **values}))
     return pd.concat(frames, ignore_index=True)
+
+
+def dist(x: Tensor, y: Tensor) -> Tensor:
+    """Per-row ‖x − y‖² / (‖x‖·‖y‖) in float64, (N, D) -> (N,); NaN where a norm is zero.
+
+    The distance of the LLFC paper's weak-additivity and commutativity checks: scale-free,
+    0 for identical rows, 2·(1 − cos) for rows of equal norm.
+    """
+    x, y = _rows64(x), _rows64(y)
+    norm = torch.linalg.vector_norm(x, dim=1) * torch.linalg.vector_norm(y, dim=1)
+    sq = ((x - y) ** 2).sum(dim=1)
+    return torch.where(norm > 0, sq / norm, torch.full_like(sq, float("nan")))
+
+
+class DistAccumulator:
+    """dist(vec X, vec Y) over a whole dataset, fed batch by batch (sums in float64).
+
+    `add(x, y, diff=None)` takes matching batches; `diff` (= x − y) may be given when it is
+    computed more accurately than the subtraction (e.g. (W_A − W_B)(H_A − H_B)).
+    """
+
+    def __init__(self):
+        self.sq = self.xx = self.yy = 0.0
+
+    def add(self, x: Tensor, y: Tensor, diff: Tensor | None = None) -> None:
+        x, y = x.to(torch.float64), y.to(torch.float64)
+        d = (x - y) if diff is None else diff.to(torch.float64)
+        self.sq += float((d * d).sum())
+        self.xx += float((x * x).sum())
+        self.yy += float((y * y).sum())
+
+    @property
+    def value(self) -> float:
+        denom = (self.xx * self.yy) ** 0.5
+        return self.sq / denom if denom > 0 else float("nan")
