@@ -125,9 +125,9 @@ def llfc_table(features_path, alphas: Sequence[float] | None = None) -> pd.DataF
     for i, layer in enumerate(layers):
         nets = ["A", "B", *(alpha_network(a) for a in alphas)]
         for batch in iter_feature_batches(features_path, ["sample", *(column(n, layer) for n in nets)]):
-            f_a, f_b = (torch.from_numpy(batch[column(n, layer)]) for n in ("A", "B"))
+            f_a, f_b = (torch.as_tensor(batch[column(n, layer)].copy()) for n in ("A", "B"))
             for alpha in alphas:
-                f_alpha = torch.from_numpy(batch[column(alpha_network(alpha), layer)])
+                f_alpha = torch.as_tensor(batch[column(alpha_network(alpha), layer)].copy())
                 values = {k: v.numpy() for k, v in llfc_batch(f_a, f_b, f_alpha, alpha).items()}
                 frames.append(pd.DataFrame({"alpha": alpha, "layer": layer, "layer_index": i,
                                             "sample": batch["sample"], **values}))

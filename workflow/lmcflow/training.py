@@ -15,6 +15,7 @@ checkpoint is its epoch counter; checkpoints hold only tensors and plain values 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -31,8 +32,11 @@ from .io import load_torch, save_torch
 
 
 def derive_seed(*keys: int) -> int:
-    """A 32-bit seed from a tuple of integers (numpy SeedSequence: well mixed, reproducible)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+    """A 32-bit seed from a tuple of integers (numpy SeedSequence: well mixed, reproducible).
+
+    The key count goes first because SeedSequence zero-pads: (s,) and (s, 0) must differ.
+    """
+    return int(np.random.SeedSequence([len(keys), *map(int, keys)]).generate_state(1)[0])
 
 
 def resolve_device(device: str) -> torch.device:
@@ -163,7 +167,8 @@ def run_training(model: nn.Module, data: Data, s: TrainSetting, *, noise_seed: i
     epoch = 0
     if resume is not None:
         model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
+        # a copy: load_state_dict may keep the given tensors, and SGD updates them in place
+        opt.load_state_dict(copy.deepcopy(resume["optimizer"]))
         epoch = resume["epoch"]
         log(f"resuming at epoch {epoch}" + (" (from the parent)" if resume is start else ""))
     while epoch < stop_epoch:
@@ -176,7 +181,7 @@ def run_training(model: nn.Module, data: Data, s: TrainSetting, *, noise_seed: i
             f"| {time.perf_counter() - t0:.1f}s")
         save_torch(checkpoint(model, opt, epoch, meta), _ckpt_path(ckpt_dir, epoch))
         _prune(ckpt_dir, keep={epoch, *s.checkpoint_epochs})
-    return checkpoint(model, opt, epoch, meta)
+    return copy.deepcopy(checkpoint(model, opt, epoch, meta))
 
 
 def _prune(ckpt_dir: Path, keep: set[int]) -> None:
