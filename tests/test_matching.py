@@ -1,0 +1,474 @@
+"""Tests of lmcflow.matching: permutation specs, their invariance, weight and activation matching.
+
+Every model family is covered with both norms. Norm layers get random affine parameters and
+running statistics that differ from their initial values (BN stats from train-mode passes, the
+counter set to a non-zero value) so that permuting buffers is really exercised.
+"""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lmcflow.data import Data, load_dataset
+from lmcflow.matching import (
+    PermutationSpec, activation_matching, apply_permutation, identity_permutation,
+    invert_permutation, matching_objective, permutation_spec, random_permutation,
+    weight_matching,
+)
+from lmcflow.models import build_model
+
+CASES = [
+    ("mlp", {"width": 32, "depth": 1}, (1, 28, 28)),
+    ("mlp", {"width": 32, "depth": 3}, (1, 28, 28)),
+    ("vgg", {"depth": 11, "batch_norm": True, "width": 0.125}, (1, 28, 28)),
+    ("vgg", {"depth": 11, "batch_norm": False, "width": 0.125}, (1, 28, 28)),
+    ("vgg", {"depth": 11, "batch_norm": True, "width": 0.125}, (3, 32, 32)),
+    ("vgg", {"depth": 11, "batch_norm": False, "width": 0.125}, (3, 32, 32)),
+    # 64x64 -> last map 2x2: the classifier's input axis mixes channels and positions
+    ("vgg", {"depth": 11, "batch_norm": True, "width": 0.125}, (3, 64, 64)),
+    ("vgg", {"depth": 11, "batch_norm": False, "width": 0.125}, (3, 64, 64)),
+    ("resnet20", {"width": 0.25, "norm": "bn"}, (3, 32, 32)),
+    ("resnet20", {"width": 0.25, "norm": "ln"}, (3, 32, 32)),
+    ("resnet20", {"width": 0.5, "norm": "bn"}, (3, 32, 32)),
+    ("resnet20", {"width": 0.5, "norm": "ln"}, (3, 32, 32)),
+    ("resnet20", {"width": 0.25, "norm": "bn"}, (1, 28, 28)),
+]
+IDS = [f"{a}-" + "-".join(f"{k}{v}" for k, v in kw.items()) + f"-{s[1]}" for a, kw, s in CASES]
+NUM_CLASSES = 7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only add overhead (and spin under CPU contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(arch, kwargs, in_shape, seed=0):
+    """A model with He-initialised weights, random biases and norm affines, calibrated BN
+    running stats and a BN counter != 0 (so every tensor carries signal to the logits)."""
+    torch.manual_seed(seed)
+    model = build_model(arch, in_shape, NUM_CLASSES, **kwargs)
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
+    with torch.no_grad():
+        for m in norms:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+    bns = [m for m in norms if isinstance(m, nn.BatchNorm2d)]
+    if bns:
+        for m in bns:
+            m.momentum = None  # cumulative average: running stats = mean over the passes
+        model.train()
+        with torch.no_grad():
+            for _ in range(2):
+                model(torch.randn(16, *in_shape, generator=gen))
+        for m in bns:
+            m.momentum = 0.1
+            m.num_batches_tracked.fill_(7)
+    return model.eval()
+
+
+def nontrivial_permutation(spec, seed):
+    """Random permutation, redrawn per group until it is not the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = random_permutation(spec, gen)
+    for g, p in perm.items():
+        while torch.equal(p, torch.arange(len(p))):
+            p = torch.randperm(len(p), generator=gen)
+        perm[g] = p
+    return perm
+
+
+def permuted_copy(model, spec, perm):
+    other = copy.deepcopy(model)
+    other.load_state_dict(apply_permutation(spec, perm, model.state_dict()))
+    return other.eval()
+
+
+@torch.no_grad()
+def outputs(model, in_shape, seed=0):
+    x = torch.randn(8, *in_shape, generator=torch.Generator().manual_seed(seed))
+    return model.eval()(x)
+
+
+def assert_same_function(out_a, out_b):
+    scale = float(out_a.abs().max())
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5 * max(scale, 1.0))
+
+
+# --- 1. invariance -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,kwargs,in_shape", CASES, ids=IDS)
+def test_permutation_preserves_function_and_every_entry_is_needed(arch, kwargs, in_shape):
+    model = make_model(arch, kwargs, in_shape)
+    spec = permutation_spec(model)
+    perm = nontrivial_permutation(spec, seed=1)
+    state = model.state_dict()
+    permuted = apply_permutation(spec, perm, state)
+    assert list(permuted) == list(state)
+    for key, t in state.items():
+        assert permuted[key].shape == t.shape and permuted[key].dtype == t.dtype
+        if any(g is not None for g in spec.axes[key]):
+            assert not torch.equal(permuted[key], t), f"{key} left unchanged"
+        else:
+            assert torch.equal(permuted[key], t), f"{key} has no group but changed"
+    out_a = outputs(model, in_shape)
+    assert_same_function(out_a, outputs(permuted_copy(model, spec, perm), in_shape))
+    x = torch.randn(2, *in_shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out_x = model(x)
+
+    # Undo: the inverse brings back the exact state.
+    back = apply_permutation(spec, invert_permutation(perm), permuted)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+    # Every (key, axis) entry matters: leaving any single one out changes the function.
+    for group, entries in spec.groups.items():
+        for key, axis in entries:
+            axes = dict(spec.axes)
+            axes[key] = tuple(None if i == axis else g for i, g in enumerate(axes[key]))
+            partial = dataclasses.replace(spec, axes=axes)
+            with torch.no_grad():
+                out = functional_call(model, apply_permutation(partial, perm, state), (x,))
+            diff = (out - out_x).abs().max()
+            assert diff > 1e-3 * float(out_x.abs().max()), (
+                f"skipping {key} axis {axis} ({group}) does not change the outputs")
+
+
+# --- 2. coverage -------------------------------------------------------------------------------
+
+
+def expected_groups(arch, model):
+    if arch == "mlp":
+        return {f"P_fc{i}": getattr(model, f"fc{i}").out_features
+                for i in range(1, model.depth + 1)}
+    if arch == "vgg":
+        return {f"P_conv{i}": getattr(model.features, f"conv{i}").out_channels
+                for i in range(1, model.n_conv + 1)}
+    groups = {f"P_res{l}": getattr(model, f"layer{l}")[0].conv2.out_channels for l in (1, 2, 3)}
+    for l in (1, 2, 3):
+        for j in range(3):
+            groups[f"P_layer{l}.{j}.inner"] = getattr(model, f"layer{l}")[j].conv1.out_channels
+    return groups
+
+
+@pytest.mark.parametrize("arch,kwargs,in_shape", CASES, ids=IDS)
+def test_spec_covers_state_dict(arch, kwargs, in_shape):
+    model = make_model(arch, kwargs, in_shape)
+    spec = permutation_spec(model)
+    state = model.state_dict()
+    assert set(spec.axes) == set(state)
+    spec.check_state(state)
+    assert spec.sizes == expected_groups(arch, model)
+    for key, axes in spec.axes.items():
+        view = spec.reshape.get(key, tuple(state[key].shape))
+        assert len(axes) == len(view), key
+        for axis, group in enumerate(axes):
+            if group is not None:
+                assert view[axis] == spec.sizes[group], (key, axis)
+                assert (key, axis) in spec.groups[group]
+    assert sum(len(v) for v in spec.groups.values()) == sum(
+        g is not None for axes in spec.axes.values() for g in axes)
+    # Buffers are permuted but not costed; the BN counter is a scalar with no axis.
+    for key in state:
+        if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert key not in spec.cost_keys
+        if key.endswith("num_batches_tracked"):
+            assert spec.axes[key] == ()
+    assert any(k.endswith(".weight") for k in spec.cost_keys)
+    # Feature modules exist and their outputs carry the group's units on dim 1.
+    modules = dict(model.named_modules())
+    assert set(spec.features) == set(spec.groups)
+    seen = {}
+    hooks = [modules[m].register_forward_hook(lambda mod, i, o, m=m: seen.__setitem__(m, o.shape))
+             for ms in spec.features.values() for m in ms]
+    outputs(model, in_shape)
+    for h in hooks:
+        h.remove()
+    for group, ms in spec.features.items():
+        for m in ms:
+            assert seen[m][1] == spec.sizes[group], (group, m)
+    # The classifier of a VGG reading a map larger than 1x1 is viewed per channel.
+    if arch == "vgg":
+        h = max(1, in_shape[1] // 32)  # 28 and 32 reach 1x1, 64 stops at 2x2
+        assert spec.reshape["out.weight"] == (NUM_CLASSES, spec.sizes[f"P_conv{model.n_conv}"], h * h)
+        assert spec.axes["out.weight"] == (None, f"P_conv{model.n_conv}", None)
+
+
+def test_mlp_spec_matches_the_documented_example():
+    model = build_model("mlp", (1, 28, 28), 10, width=16, depth=2)
+    spec = permutation_spec(model)
+    assert spec.axes == {
+        "fc1.weight": ("P_fc1", None), "fc1.bias": ("P_fc1",),
+        "fc2.weight": ("P_fc2", "P_fc1"), "fc2.bias": ("P_fc2",),
+        "out.weight": (None, "P_fc2"), "out.bias": (None,),
+    }
+    assert spec.sizes == {"P_fc1": 16, "P_fc2": 16}
+    assert spec.features == {"P_fc1": ("relu1",), "P_fc2": ("relu2",)}
+
+
+def test_resnet20_spec_streams_and_shortcuts():
+    spec = permutation_spec(build_model("resnet20", (3, 32, 32), 10, width=0.25, norm="ln"))
+    ax = spec.axes
+    assert ax["stem.conv.weight"] == ("P_res1", None, None, None)
+    assert ax["stem.norm.weight"] == ("P_res1",)
+    assert ax["layer1.0.conv1.weight"] == ("P_layer1.0.inner", "P_res1", None, None)
+    assert ax["layer1.0.conv2.weight"] == ("P_res1", "P_layer1.0.inner", None, None)
+    assert ax["layer2.0.conv1.weight"] == ("P_layer2.0.inner", "P_res1", None, None)
+    assert ax["layer2.0.shortcut.conv.weight"] == ("P_res2", "P_res1", None, None)
+    assert ax["layer2.0.shortcut.norm.bias"] == ("P_res2",)
+    assert ax["layer3.2.norm2.weight"] == ("P_res3",)
+    assert ax["fc.weight"] == (None, "P_res3")
+    assert spec.features["P_res1"] == ("stem", "layer1.0", "layer1.1", "layer1.2")
+    assert spec.features["P_layer2.1.inner"] == ("layer2.1.relu1",)
+    assert not any(k.startswith("layer1.0.shortcut") for k in ax)
+
+
+def test_spec_and_apply_reject_inconsistent_input():
+    with pytest.raises(ValueError, match="group P has size"):
+        PermutationSpec({"a": ("P", None), "b": ("P",)}, {"a": (3, 2), "b": (4,)})
+    with pytest.raises(ValueError, match="axis entries"):
+        PermutationSpec({"a": ("P",)}, {"a": (3, 2)})
+    with pytest.raises(ValueError, match="view"):
+        PermutationSpec({"a": ("P", None)}, {"a": (3, 2)}, reshape={"a": (3, 3)})
+    model = build_model("mlp", (1, 4, 4), 3, width=5, depth=2)
+    spec = permutation_spec(model)
+    state = model.state_dict()
+    with pytest.raises(ValueError, match="not in the spec"):
+        apply_permutation(spec, {"P_nope": torch.arange(5)}, state)
+    with pytest.raises(ValueError, match="shape"):
+        apply_permutation(spec, {"P_fc1": torch.arange(4)}, state)
+    with pytest.raises(KeyError, match="not in the permutation spec"):
+        apply_permutation(spec, {}, {**state, "extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match="missing"):
+        spec.check_state({k: v for k, v in state.items() if k != "out.bias"})
+    with pytest.raises(TypeError, match="no permutation spec"):
+        permutation_spec(nn.Linear(2, 2))
+    ident = apply_permutation(spec, identity_permutation(spec), state)
+    assert all(torch.equal(ident[k], state[k]) for k in state)
+    # Groups left out of a permutation are the identity.
+    perm = nontrivial_permutation(spec, 0)
+    only1 = apply_permutation(spec, {"P_fc1": perm["P_fc1"]}, state)
+    assert torch.equal(only1["fc2.weight"], state["fc2.weight"][:, perm["P_fc1"]])
+    assert torch.equal(only1["fc1.weight"], state["fc1.weight"][perm["P_fc1"]])
+
+
+def test_vgg_classifier_view_permutes_channel_blocks():
+    """The flattened input index is c*H*W + hw: channel c moves as a block of H*W columns."""
+    model = build_model("vgg", (3, 64, 64), 5, width=0.125, batch_norm=False)
+    spec = permutation_spec(model)
+    c = spec.sizes["P_conv8"]
+    perm = {"P_conv8": torch.randperm(c, generator=torch.Generator().manual_seed(0))}
+    w = model.state_dict()["out.weight"]  # (5, C*4)
+    new = apply_permutation(spec, perm, model.state_dict())["out.weight"]
+    expected = w.view(5, c, 4)[:, perm["P_conv8"], :].reshape(5, c * 4)
+    assert torch.equal(new, expected)
+
+
+# --- 3. weight matching recovers a planted permutation -------------------------------------------
+
+
+@pytest.mark.parametrize("arch,kwargs,in_shape", CASES, ids=IDS)
+def test_weight_matching_recovers_planted_permutation(arch, kwargs, in_shape):
+    model = make_model(arch, kwargs, in_shape)
+    spec = permutation_spec(model)
+    state_a = model.state_dict()
+    pi = nontrivial_permutation(spec, seed=2)
+    state_b = apply_permutation(spec, pi, state_a)
+    logs = []
+    perm, info = weight_matching(spec, state_a, state_b, seed=3, log=logs.append)
+    assert set(perm) == set(spec.sizes)
+    for g, p in perm.items():
+        assert p.dtype == torch.long
+        assert torch.equal(p, torch.argsort(pi[g])), g
+    aligned = apply_permutation(spec, perm, state_b)
+    for key in state_a:
+        assert torch.equal(aligned[key], state_a[key]), key
+    assert 2 <= info["sweeps"] <= 4  # one that finds it (maybe one fix-up), one that confirms it
+    best = matching_objective(spec, state_a, state_a)
+    assert info["objective"] == pytest.approx(best, rel=1e-12)
+    assert info["history"][0] < info["objective"]
+    assert len(logs) == info["sweeps"] + 1
+
+
+# --- 4. activation matching recovers a planted permutation ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_dataset("mnist5k")
+
+
+def random_images(shape, n=256, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    c = shape[0]
+    return Data("random", x, y, x[:8], y[:8], (0.5,) * c, (0.25,) * c, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("cost", ["correlation", "inner_product"])
+@pytest.mark.parametrize("arch,kwargs,in_shape", CASES, ids=IDS)
+def test_activation_matching_recovers_planted_permutation(arch, kwargs, in_shape, cost, mnist):
+    data = mnist if in_shape == (1, 28, 28) else random_images(in_shape)
+    model_a = make_model(arch, kwargs, in_shape)
+    spec = permutation_spec(model_a)
+    pi = nontrivial_permutation(spec, seed=4)
+    model_b = permuted_copy(model_a, spec, pi)
+    model_b.train()  # activation matching must use eval mode and restore the mode afterwards
+    perm, info = activation_matching(model_a, model_b, None if cost == "correlation" else spec,
+                                     data, num_batches=2, batch_size=48, cost=cost)
+    assert model_b.training and not model_a.training
+    assert info["sweeps"] == 0 and info["samples"] == 96
+    # Units are identifiable from their features unless they never fire (all zero) or have a
+    # twin (another unit with correlation 1 for cost="correlation", or the same features for
+    # "inner_product"); on identifiable units the planted permutation must come back exactly.
+    x = data.normalize(data.train_x[:96])
+    feats_a = group_features(model_a, spec, x)
+    feats_b = group_features(permuted_copy(model_b, spec, perm), spec, x)
+    ok_total = units = 0
+    for g, p in perm.items():
+        fa = feats_a[g].double()
+        live = fa.abs().amax(0) > 0
+        ok = live & ~twins(fa, cost)
+        want = torch.argsort(pi[g])
+        assert torch.equal(p[ok], want[ok]), g
+        assert not live[pi[g][p[~live]]].any(), g  # dead units of B go to dead units of A
+        if cost == "inner_product":  # twins are identical: all features match
+            torch.testing.assert_close(feats_b[g], feats_a[g], rtol=1e-4, atol=1e-5)
+        else:  # live units correlate perfectly, dead ones count 0
+            torch.testing.assert_close(feats_b[g][:, ok], feats_a[g][:, ok], rtol=1e-4, atol=1e-5)
+            assert info["per_group"][g] == pytest.approx(float(live.double().mean()), abs=1e-5)
+        ok_total += int(ok.sum())
+        units += len(p)
+    assert ok_total >= 0.8 * units  # the checks above are not vacuous
+
+
+def twins(feats, cost):
+    """(n,) bool: live units that another unit matches as well as itself under ``cost``."""
+    n = feats.shape[1]
+    if cost == "correlation":
+        z = feats - feats.mean(0)
+        z = z / z.norm(dim=0).clamp_min(1e-300)
+        same = z.T @ z > 1 - 1e-6
+    else:
+        same = torch.cdist(feats.T, feats.T) <= 1e-5 * feats.norm(dim=0).clamp_min(1e-300)[:, None]
+    return (same & ~torch.eye(n, dtype=torch.bool)).any(1) & (feats.abs().amax(0) > 0)
+
+
+def group_features(model, spec, x):
+    """group -> (observations, n) features of every module of the group, stacked."""
+    modules = dict(model.named_modules())
+    out = {g: [] for g in spec.features}
+    hooks = [modules[m].register_forward_hook(
+        lambda mod, i, o, g=g: out[g].append(o.detach().movedim(1, -1).reshape(-1, o.shape[1])))
+        for g, ms in spec.features.items() for m in ms]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return {g: torch.cat(v) for g, v in out.items()}
+
+
+def test_activation_matching_pools_stream_features():
+    """P_res1 statistics pool the stem and the three layer1 block outputs as observations."""
+    model = make_model("resnet20", {"width": 0.25, "norm": "ln"}, (3, 8, 8))
+    spec = permutation_spec(model)
+    data = random_images((3, 8, 8), n=10)
+    _, info = activation_matching(model, copy.deepcopy(model), spec, data, num_batches=1,
+                                  batch_size=10, cost="inner_product")
+    feats = []
+    hooks = [dict(model.named_modules())[m].register_forward_hook(
+        lambda mod, i, o: feats.append(o.detach().double())) for m in spec.features["P_res1"]]
+    with torch.no_grad():
+        model(data.normalize(data.train_x))
+    for h in hooks:
+        h.remove()
+    obs = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats])
+    assert obs.shape == (4 * 10 * 8 * 8, spec.sizes["P_res1"])
+    assert info["per_group"]["P_res1"] == pytest.approx(float((obs * obs).sum(1).sum() /
+                                                              spec.sizes["P_res1"]), rel=1e-9)
+    with pytest.raises(ValueError, match="cost"):
+        activation_matching(model, model, spec, data, 1, 10, cost="cosine")
+
+
+# --- 5. independent networks ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,kwargs,in_shape", [
+    ("mlp", {"width": 64, "depth": 3}, (1, 28, 28)),
+    ("vgg", {"depth": 11, "batch_norm": True, "width": 0.125}, (3, 32, 32)),
+    ("resnet20", {"width": 0.5, "norm": "ln"}, (3, 32, 32)),
+], ids=["mlp", "vgg-bn", "resnet20-ln"])
+def test_weight_matching_independent_networks(arch, kwargs, in_shape):
+    state_a = make_model(arch, kwargs, in_shape, seed=0).state_dict()
+    state_b = make_model(arch, kwargs, in_shape, seed=1).state_dict()
+    spec = permutation_spec(build_model(arch, in_shape, NUM_CLASSES, **kwargs))
+    perm, info = weight_matching(spec, state_a, state_b, seed=0)
+    start = matching_objective(spec, state_a, state_b)
+    hist = info["history"]
+    assert hist[0] == pytest.approx(start, rel=1e-9)
+    assert info["objective"] > start + 0.1 * abs(start) + 1e-3
+    assert all(b >= a for a, b in zip(hist, hist[1:])), hist
+    assert hist[-1] == hist[-2]  # stopped after a sweep without improvement
+    assert info["sweeps"] >= 2 and len(hist) == info["sweeps"] + 1
+    assert info["objective"] == pytest.approx(matching_objective(spec, state_a, state_b, perm),
+                                              rel=1e-9)
+    for g, p in perm.items():
+        assert torch.equal(torch.sort(p).values, torch.arange(spec.sizes[g]))
+    # Aligning B keeps its function.
+    model_b = make_model(arch, kwargs, in_shape, seed=1)
+    assert_same_function(outputs(model_b, in_shape),
+                         outputs(permuted_copy(model_b, spec, perm), in_shape))
+    # Deterministic for a seed.
+    perm2, info2 = weight_matching(spec, state_a, state_b, seed=0)
+    assert info2["history"] == hist
+    assert all(torch.equal(perm[g], perm2[g]) for g in perm)
+
+
+def test_weight_matching_max_sweeps_and_order_seed():
+    state_a = make_model("mlp", {"width": 48, "depth": 3}, (1, 28, 28), seed=0).state_dict()
+    state_b = make_model("mlp", {"width": 48, "depth": 3}, (1, 28, 28), seed=1).state_dict()
+    spec = permutation_spec(build_model("mlp", (1, 28, 28), NUM_CLASSES, width=48, depth=3))
+    _, info = weight_matching(spec, state_a, state_b, max_sweeps=1)
+    assert info["sweeps"] == 1 and len(info["history"]) == 2
+    results = {round(weight_matching(spec, state_a, state_b, seed=s)[1]["objective"], 6)
+               for s in range(4)}
+    assert all(np.isfinite(list(results)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_matching_on_cuda_agrees_with_cpu():
+    arch, kwargs, in_shape = "resnet20", {"width": 0.5, "norm": "bn"}, (3, 32, 32)
+    model_a = make_model(arch, kwargs, in_shape, seed=0)
+    model_b = make_model(arch, kwargs, in_shape, seed=1)
+    spec = permutation_spec(model_a)
+    cpu_a, cpu_b = model_a.state_dict(), model_b.state_dict()
+    perm, info = weight_matching(spec, cpu_a, cpu_b)
+    gpu_a = {k: v.cuda() for k, v in cpu_a.items()}
+    gpu_b = {k: v.cuda() for k, v in cpu_b.items()}
+    perm_gpu, info_gpu = weight_matching(spec, gpu_a, gpu_b)
+    assert all(p.device.type == "cpu" for p in perm_gpu.values())
+    assert info_gpu["objective"] == pytest.approx(info["objective"], rel=1e-9)
+    assert all(torch.equal(perm[g], perm_gpu[g]) for g in perm)
+    assert apply_permutation(spec, perm_gpu, gpu_b)["fc.weight"].is_cuda
+    data = random_images(in_shape)
+    act, _ = activation_matching(model_a, model_b, spec, data, 2, 48)
+    act_gpu, _ = activation_matching(model_a, model_b, spec, data, 2, 48, device="cuda")
+    agree = sum(int((act[g] == act_gpu[g]).sum()) for g in act) / sum(spec.sizes.values())
+    assert agree > 0.95  # float32 features differ slightly between devices
