@@ -5,13 +5,19 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# --configfile FILE replaces the default config instead of merging into it (a paper-scale
+# config must not also run the default experiments).
+if not config:
+
+    configfile: "config.yaml"
+
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/training.smk"
 include: "workflow/rules/pairs.smk"
 include: "workflow/rules/llfc.smk"
+include: "workflow/rules/layerwise.smk"
 include: "workflow/rules/figures.smk"
 
 

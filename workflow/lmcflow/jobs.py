@@ -7,9 +7,11 @@ log file (and stderr), torch uses the rule's `threads`, and the device follows t
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -52,6 +54,20 @@ def build(spec: dict, device="cpu", seed: int | None = None) -> nn.Module:
     return model.to(device)
 
 
+def load_pair(inputs, device="cpu") -> tuple[dict, dict, dict]:
+    """(model spec, state of A, state of B) of a pair directory's files (input.info/a/b)."""
+    from .io import load_torch
+
+    spec = json.loads(Path(inputs.info).read_text())["spec"]
+    return spec, load_torch(inputs.a, device), load_torch(inputs.b, device)
+
+
+def load_network(spec: dict, state: dict, device="cpu") -> nn.Module:
+    model = build(spec, device)
+    model.load_state_dict(state)
+    return model.eval()
+
+
 class Timer:
     def __init__(self):
         self.t0 = time.perf_counter()
@@ -70,4 +86,5 @@ def with_ids(df, wildcards, **extra):
     return df
 
 
-__all__ = ["start", "model_spec", "build", "load_dataset", "Timer", "with_ids"]
+__all__ = ["start", "model_spec", "build", "load_dataset", "load_pair", "load_network", "Timer",
+           "with_ids"]

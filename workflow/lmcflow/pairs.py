@@ -8,7 +8,9 @@ are paths under results/{experiment}/runs/:
 - `spawn{s}/child{k}`: the parent's checkpoint (weights and optimizer state) trained to the end
   with SGD-noise seed derive_seed(s, k + 1).
 Pair p of an experiment with base seed S uses s = S + 2p (and S + 2p + 1 for a second
-independent run), so pairs never share a run within a method.
+independent run), so pairs never share a run within a method. naive, weight_matching and
+activation_matching share the same two independent runs: the permutation methods differ from
+naive only by their alignment of B.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 
+
 @dataclass(frozen=True)
 class Method:
     name: str
     endpoints: Callable[[int, int], tuple[str, str]]  # (base seed, pair index) -> runs of A and B
     description: str
-    align: Callable | None = None  # (model_a, model_b, data, setting) -> (state_b, extra)
+    # (run_a, run_b, setting, device, log) -> (state of π(B), extra info incl. "permutation")
+    align: Callable | None = None
 
 
 def independent_runs(seed: int, pair: int) -> tuple[str, str]:
@@ -33,12 +37,54 @@ def spawned_runs(seed: int, pair: int) -> tuple[str, str]:
     return f"spawn{seed + 2 * pair}/child0", f"spawn{seed + 2 * pair}/child1"
 
 
+def _permuted(run_a: dict, run_b: dict, setting: dict, device, log, match) -> tuple[dict, dict]:
+    """Shared part of the permutation methods: rebuild models, match, apply π to B."""
+    from . import jobs
+    from .matching import apply_permutation, permutation_spec
+
+    model_a, model_b = jobs.build(run_a["spec"], device), jobs.build(run_b["spec"], device)
+    model_a.load_state_dict(run_a["model"])
+    model_b.load_state_dict(run_b["model"])
+    spec = permutation_spec(model_a)
+    perm, info = match(spec, model_a, model_b)
+    state_b = apply_permutation(spec, perm, {k: v.to(device) for k, v in run_b["model"].items()})
+    log(f"matched {len(perm)} groups: objective {info['objective']:.6g}, sweeps {info['sweeps']}")
+    extra = {"objective": float(info["objective"]), "sweeps": int(info["sweeps"]),
+             "permutation": {g: p.tolist() for g, p in perm.items()}}
+    return {k: v.cpu() for k, v in state_b.items()}, extra
+
+
+def weight_matching_align(run_a, run_b, setting, device="cpu", log=print):
+    from .matching import weight_matching
+
+    m = setting["matching"]
+    return _permuted(run_a, run_b, setting, device, log, lambda spec, a, b: weight_matching(
+        spec, a.state_dict(), b.state_dict(), max_sweeps=m["max_sweeps"], seed=m["seed"], log=log))
+
+
+def activation_matching_align(run_a, run_b, setting, device="cpu", log=print):
+    from . import jobs
+    from .matching import activation_matching
+
+    m, data = setting["matching"], jobs.load_dataset(**setting["data"])
+    return _permuted(run_a, run_b, setting, device, log, lambda spec, a, b: activation_matching(
+        a, b, spec, data, num_batches=m["batches"], batch_size=m["batch_size"], cost=m["cost"],
+        device=device, log=log))
+
+
 METHODS: dict[str, Method] = {
     "naive": Method("naive", independent_runs,
                     "two networks trained independently, interpolated as they are (negative control)"),
     "spawning": Method("spawning", spawned_runs,
                        "two children forked from one parent at spawn_epoch, different SGD noise"),
+    "weight_matching": Method("weight_matching", independent_runs,
+                              "the naive pair with B's units permuted to match A's weights",
+                              weight_matching_align),
+    "activation_matching": Method("activation_matching", independent_runs,
+                                  "the naive pair with B's units permuted to match A's activations",
+                                  activation_matching_align),
 }
+PERMUTATION_METHODS = [name for name, m in METHODS.items() if m.align is not None]
 
 
 def get_method(name: str) -> Method:

@@ -171,6 +171,8 @@ def run_training(model: nn.Module, data: Data, s: TrainSetting, *, noise_seed: i
         opt.load_state_dict(copy.deepcopy(resume["optimizer"]))
         epoch = resume["epoch"]
         log(f"resuming at epoch {epoch}" + (" (from the parent)" if resume is start else ""))
+    if epoch == 0 and 0 in s.checkpoint_epochs:  # the initialisation, for analyses along training
+        save_torch(checkpoint(model, opt, 0, meta), _ckpt_path(ckpt_dir, 0))
     while epoch < stop_epoch:
         t0 = time.perf_counter()
         loss, err = train_epoch(model, opt, data, s, epoch, noise_seed, device)
@@ -182,6 +184,16 @@ def run_training(model: nn.Module, data: Data, s: TrainSetting, *, noise_seed: i
         save_torch(checkpoint(model, opt, epoch, meta), _ckpt_path(ckpt_dir, epoch))
         _prune(ckpt_dir, keep={epoch, *s.checkpoint_epochs})
     return copy.deepcopy(checkpoint(model, opt, epoch, meta))
+
+
+def kept_weights(meta: dict, ckpt_dir: str | Path) -> dict[int, dict]:
+    """Model weights of the checkpoints kept at `train.checkpoint_epochs`: epoch -> state dict."""
+    out = {}
+    for epoch in meta["train"]["checkpoint_epochs"]:
+        path = _ckpt_path(Path(ckpt_dir), epoch)
+        if path.exists():
+            out[epoch] = load_torch(path)["model"]
+    return out
 
 
 def _prune(ckpt_dir: Path, keep: set[int]) -> None:

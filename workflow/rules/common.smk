@@ -14,7 +14,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 ).rstrip(os.pathsep)
 
 from lmcflow.config import ConfigError, validate
-from lmcflow.pairs import METHODS, get_method, pair_index, pair_name
+from lmcflow.pairs import METHODS, PERMUTATION_METHODS, get_method, pair_index, pair_name
 from lmcflow.training import derive_seed
 
 try:
@@ -23,7 +23,8 @@ except ConfigError as err:
     raise WorkflowError(f"{err}\nFix it in the config file (see README: configuration).") from None
 
 EXPERIMENTS = config["experiments"]
-FIGURES = ["results/figures/fig1.pdf", "results/figures/fig3.pdf"]
+LAYERWISE = any(e["layerwise"]["enabled"] for e in EXPERIMENTS.values())
+FIGURES = [f"results/figures/fig{n}.pdf" for n in range(1, 12 if LAYERWISE else 7)]
 ENV = "../../envs/lmcflow.yaml"
 
 
@@ -54,8 +55,10 @@ def all_pairs():
             for name, e in EXPERIMENTS.items() for method in e["methods"] for p in range(e["pairs"])]
 
 
-def pair_files(filename):
-    return [f"results/{e}/pairs/{m}/{p}/{filename}" for e, m, p in all_pairs()]
+def pair_files(filename, layerwise=False):
+    """`filename` in every pair directory (with layerwise=True: of experiments that enable it)."""
+    return [f"results/{e}/pairs/{m}/{p}/{filename}" for e, m, p in all_pairs()
+            if not layerwise or EXPERIMENTS[e]["layerwise"]["enabled"]]
 
 
 # ------------------------------------------------------------------ params: one experiment's values
@@ -80,11 +83,38 @@ def run_params(kind):
     return params
 
 
-def eval_params(wildcards):
-    """What evaluating a pair depends on: data, model, device and the LMC/LLFC settings."""
+def pair_params(wildcards):
+    """What making a pair depends on beyond its runs: matching settings (and data for AM)."""
     e = exp(wildcards)
-    return {"data": e["data"], "model": e["model"], "device": e["device"], "lmc": e["lmc"],
-            "llfc": e["llfc"], "seed": e["seed"]}
+    return {"data": e["data"], "device": e["device"], "matching": e["matching"]}
+
+
+def lmc_params(wildcards):
+    e = exp(wildcards)
+    return {"data": e["data"], "device": e["device"], "lmc": e["lmc"]}
+
+
+def probe_params(wildcards):
+    """What the probe-set analyses (features, mechanisms) depend on."""
+    e = exp(wildcards)
+    return {"data": e["data"], "device": e["device"], "bn": e["lmc"]["bn"], "llfc": e["llfc"],
+            "seed": e["seed"]}
+
+
+def layerwise_params(wildcards):
+    e = exp(wildcards)
+    return {"data": e["data"], "device": e["device"], "layerwise": e["layerwise"], "seed": e["seed"]}
+
+
+def get_layerwise_input(wildcards):
+    """The pair's endpoints, its runs (for the weights kept along training) and π if any."""
+    pair = f"results/{wildcards.experiment}/pairs/{wildcards.method}/{wildcards.pair}"
+    files = {"a": f"{pair}/model_a.pt", "b": f"{pair}/model_b.pt", "info": f"{pair}/pair.json"}
+    runs = get_make_pair_input(wildcards)
+    files |= {"run_a": runs["a"], "run_b": runs["b"]}
+    if wildcards.method in PERMUTATION_METHODS:
+        files["permutation"] = f"{pair}/permutation.json"
+    return files
 
 
 def get_make_pair_input(wildcards):

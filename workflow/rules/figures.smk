@@ -1,15 +1,31 @@
 # Cross-experiment tables (one long Parquet file per analysis) and the figures drawn from them.
 
-TABLE_OF_FIGURE = {"fig1": "lmc", "fig3": "llfc"}
+PAIR_TABLES = ["lmc", "llfc", "weak_additivity", "commutativity"]  # concatenated per-pair files
+LAYERWISE_TABLES = ["layer_barriers", "cumulative_barriers", "layer_robustness", "subspace"]
+TABLE_OF_FIGURE = {
+    "fig1": "lmc",
+    "fig2": "alignment",
+    "fig3": "llfc",
+    "fig4": "llfc",
+    "fig5": "weak_additivity",
+    "fig6": "commutativity",
+    "fig7": "layer_barriers",
+    "fig8": "cumulative_barriers",
+    "fig9": "layer_robustness",
+    "fig10": "subspace",
+    "fig11": "linear_toy",
+}
 
 
 rule table:
     input:
-        lambda wildcards: pair_files(f"{wildcards.table}.parquet"),
+        lambda wildcards: pair_files(
+            f"{wildcards.table}.parquet", layerwise=wildcards.table in LAYERWISE_TABLES
+        ),
     output:
         "results/tables/{table}.parquet",
     wildcard_constraints:
-        table="|".join(set(TABLE_OF_FIGURE.values())),
+        table="|".join(PAIR_TABLES + LAYERWISE_TABLES),
     log:
         "logs/tables/{table}.log",
     benchmark:
@@ -18,6 +34,21 @@ rule table:
         ENV
     script:
         "../scripts/table.py"
+
+
+rule alignment_table:
+    input:
+        "results/tables/lmc.parquet",
+    output:
+        "results/tables/alignment.parquet",
+    log:
+        "logs/tables/alignment.log",
+    benchmark:
+        "results/benchmarks/tables/alignment.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/alignment_table.py"
 
 
 rule figure:

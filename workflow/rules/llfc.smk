@@ -1,15 +1,16 @@
-# LLFC: features of A, B and θ_α on the probe set (Parquet), then per-sample metrics.
+# LLFC: features of A, B and θ_α on the probe set (Parquet), then per-sample metrics; and the
+# mechanisms behind it (weak additivity, commutativity) on the same probe set.
 
 
 rule features:
     input:
-        a=rules.make_pair.output.a,
-        b=rules.make_pair.output.b,
-        info=rules.make_pair.output.info,
+        a=rules.lmc.input.a,
+        b=rules.lmc.input.b,
+        info=rules.lmc.input.info,
     output:
-        "results/{experiment}/pairs/{method}/{pair}/features.parquet",
+        f"{PAIR}/features.parquet",
     params:
-        setting=eval_params,
+        setting=probe_params,
     threads: heavy_threads
     resources:
         gpu=gpus,
@@ -27,7 +28,7 @@ rule llfc:
     input:
         rules.features.output[0],
     output:
-        "results/{experiment}/pairs/{method}/{pair}/llfc.parquet",
+        f"{PAIR}/llfc.parquet",
     log:
         "logs/{experiment}/pairs/{method}/{pair}/llfc.log",
     benchmark:
@@ -36,3 +37,26 @@ rule llfc:
         ENV
     script:
         "../scripts/llfc.py"
+
+
+rule mechanisms:
+    input:
+        a=rules.lmc.input.a,
+        b=rules.lmc.input.b,
+        info=rules.lmc.input.info,
+    output:
+        weak_additivity=f"{PAIR}/weak_additivity.parquet",
+        commutativity=f"{PAIR}/commutativity.parquet",
+    params:
+        setting=probe_params,
+    threads: heavy_threads
+    resources:
+        gpu=gpus,
+    log:
+        "logs/{experiment}/pairs/{method}/{pair}/mechanisms.log",
+    benchmark:
+        "results/benchmarks/{experiment}/mechanisms/{method}-{pair}.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/mechanisms.py"

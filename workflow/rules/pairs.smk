@@ -1,15 +1,20 @@
-# Pairs of endpoints (spawning, naive; alignment methods plug into lmcflow.pairs) and LMC curves.
+# Pairs of endpoints and their LMC curves. Spawning and naive pairs take the runs' weights as
+# they are; permutation methods (lmcflow.pairs.METHODS with an align step) also write π.
+
+PAIR = "results/{experiment}/pairs/{method}/{pair}"
 
 
 rule make_pair:
     input:
         unpack(get_make_pair_input),
     output:
-        a="results/{experiment}/pairs/{method}/{pair}/model_a.pt",
-        b="results/{experiment}/pairs/{method}/{pair}/model_b.pt",
-        info="results/{experiment}/pairs/{method}/{pair}/pair.json",
+        a=f"{PAIR}/model_a.pt",
+        b=f"{PAIR}/model_b.pt",
+        info=f"{PAIR}/pair.json",
+    wildcard_constraints:
+        method="|".join(m for m in METHODS if m not in PERMUTATION_METHODS),
     params:
-        setting=eval_params,
+        setting=pair_params,
     log:
         "logs/{experiment}/pairs/{method}/{pair}/make_pair.log",
     benchmark:
@@ -20,15 +25,32 @@ rule make_pair:
         "../scripts/make_pair.py"
 
 
+use rule make_pair as align_pair with:
+    output:
+        a=f"{PAIR}/model_a.pt",
+        b=f"{PAIR}/model_b.pt",
+        info=f"{PAIR}/pair.json",
+        permutation=f"{PAIR}/permutation.json",
+    wildcard_constraints:
+        method="|".join(PERMUTATION_METHODS),
+    threads: heavy_threads
+    resources:
+        gpu=gpus,
+    log:
+        "logs/{experiment}/pairs/{method}/{pair}/align_pair.log",
+    benchmark:
+        "results/benchmarks/{experiment}/align_pair/{method}-{pair}.tsv"
+
+
 rule lmc:
     input:
-        a=rules.make_pair.output.a,
-        b=rules.make_pair.output.b,
-        info=rules.make_pair.output.info,
+        a=f"{PAIR}/model_a.pt",
+        b=f"{PAIR}/model_b.pt",
+        info=f"{PAIR}/pair.json",
     output:
-        "results/{experiment}/pairs/{method}/{pair}/lmc.parquet",
+        f"{PAIR}/lmc.parquet",
     params:
-        setting=eval_params,
+        setting=lmc_params,
     threads: heavy_threads
     resources:
         gpu=gpus,

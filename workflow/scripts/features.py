@@ -1,23 +1,17 @@
 """Features of A, B and θ_α (α from the llfc setting) on the probe set, streamed to Parquet."""
 
-import json
-
 from lmcflow import jobs
-from lmcflow.config import LlfcSetting, LmcSetting
+from lmcflow.config import LlfcSetting
 from lmcflow.features import alpha_network, probe_indices, write_features
 from lmcflow.interpolation import load_interpolated
-from lmcflow.io import load_torch
 from lmcflow.models import feature_layers
 
 setting = snakemake.params.setting
 log, device = jobs.start(snakemake, setting["device"])
-llfc, bn = LlfcSetting(**setting["llfc"]), LmcSetting(**setting["lmc"]).bn
+llfc, bn = LlfcSetting(**setting["llfc"]), setting["bn"]
 data = jobs.load_dataset(**setting["data"])
-spec = json.loads(open(snakemake.input.info).read())["spec"]
-state_a, state_b = load_torch(snakemake.input.a), load_torch(snakemake.input.b)
-networks = {"A": jobs.build(spec, device), "B": jobs.build(spec, device)}
-networks["A"].load_state_dict(state_a)
-networks["B"].load_state_dict(state_b)
+spec, state_a, state_b = jobs.load_pair(snakemake.input, device)
+networks = {"A": jobs.load_network(spec, state_a, device), "B": jobs.load_network(spec, state_b, device)}
 for alpha in llfc.alphas:
     networks[alpha_network(alpha)] = load_interpolated(
         jobs.build(spec, device), state_a, state_b, alpha, data, bn, device=device)

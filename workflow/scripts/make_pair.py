@@ -1,4 +1,5 @@
-"""Make one pair's endpoints: model_a.pt, model_b.pt (plain state dicts) and pair.json."""
+"""Make one pair's endpoints: model_a.pt, model_b.pt (plain state dicts), pair.json and, for
+permutation methods, permutation.json (group -> indices; model_b.pt is then π(B))."""
 
 from lmcflow import jobs
 from lmcflow.io import load_torch, save_json, save_torch
@@ -8,10 +9,11 @@ setting = snakemake.params.setting
 log, device = jobs.start(snakemake, setting["device"])
 run_a, run_b = load_torch(snakemake.input.a), load_torch(snakemake.input.b)
 method = get_method(snakemake.wildcards.method)
-state_a, state_b, extra = run_a["model"], run_b["model"], {}
+state_b, extra = run_b["model"], {}
 if method.align is not None:
     state_b, extra = method.align(run_a, run_b, setting, device=device, log=log)
-save_torch(state_a, snakemake.output.a)
+    save_json(extra.pop("permutation"), snakemake.output.permutation)
+save_torch(run_a["model"], snakemake.output.a)
 save_torch(state_b, snakemake.output.b)
 save_json({**dict(snakemake.wildcards.items()), "method_description": method.description,
            "runs": {"a": snakemake.input.a, "b": snakemake.input.b},

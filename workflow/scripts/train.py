@@ -5,7 +5,7 @@ from pathlib import Path
 from lmcflow import jobs
 from lmcflow.config import TrainSetting
 from lmcflow.io import load_torch, save_torch
-from lmcflow.training import run_training
+from lmcflow.training import kept_weights, run_training
 
 run = snakemake.params.run
 log, device = jobs.start(snakemake, run["device"])
@@ -16,12 +16,15 @@ parent = load_torch(snakemake.input.parent) if "parent" in snakemake.input.keys(
 if parent is not None and parent["epoch"] != run["spawn_epoch"]:
     raise ValueError(f"{snakemake.input.parent} is at epoch {parent['epoch']}, not spawn_epoch "
                      f"{run['spawn_epoch']}; delete it and re-run")
+ckpt_dir = Path(snakemake.output[0]).parent / "checkpoints"
 timer = jobs.Timer()
 final = run_training(
     model, data, TrainSetting(**run["train"]), noise_seed=run["noise_seed"],
-    ckpt_dir=Path(snakemake.output[0]).parent / "checkpoints", meta=run,
+    ckpt_dir=ckpt_dir, meta=run,
     stop_epoch=run["stop_epoch"], start=parent, device=device, log=log,
 )
 final["spec"] = spec
+# real copies of the weights at train.checkpoint_epochs (a child's earlier ones are its parent's)
+final["history"] = {**(parent or {}).get("history", {}), **kept_weights(final["meta"], ckpt_dir)}
 save_torch(final, snakemake.output[0])
 log(f"done in {timer}: {snakemake.output[0]}")
