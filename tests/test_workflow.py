@@ -5,6 +5,7 @@ claims on the tables it writes: spawned MLP pairs are linearly mode connected an
 independently trained (naive) pairs are not and do not.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -96,10 +97,84 @@ def test_tiny_config_end_to_end(tmp_path):
     assert {"alpha", "layer", "layer_index", "sample", "one_minus_cos_alpha", "one_minus_cos_ab",
             "coef_c"} <= set(llfc.columns)
     assert_mlp_claims(lmc[lmc.experiment == "mlp"], llfc[llfc.experiment == "mlp"])
+    assert_partial_rerun(tmp_path)
     tables = {t: pd.read_parquet(tmp_path / f"results/tables/{t}.parquet").query("experiment == 'mlp'")
               for t in ("commutativity", "layer_barriers", "cumulative_barriers", "layer_robustness")}
     assert_mechanism_claims(tables.pop("commutativity"))
     assert_layerwise_claims(tables)
+
+
+CROSS_EXPERIMENT_RULES = {"table", "alignment_table", "figure", "all"}
+
+
+def planned_jobs(dry_run_stdout: str) -> list[tuple[str, str]]:
+    """(rule, wildcards line) of every job a `snakemake -n` run plans."""
+    jobs, rule = [], None
+    for line in dry_run_stdout.splitlines():
+        if line.startswith("rule ") and line.endswith(":"):
+            if rule is not None:
+                jobs.append((rule, ""))
+            rule = line[5:-1]
+        elif rule is not None and line.strip().startswith("wildcards:"):
+            jobs.append((rule, line.strip()))
+            rule = None
+    return jobs + ([(rule, "")] if rule is not None else [])
+
+
+def assert_partial_rerun(workdir: Path) -> None:
+    """Changing one experiment's model width re-runs that experiment and the cross-experiment
+    tables and figures only; the other experiment's runs are not touched."""
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["experiments"]["cnn"]["model"]["width"] = 0.125
+    write_config(workdir, config)
+    plan = snakemake(workdir, "-n", "--cores", "2")
+    assert plan.returncode == 0, plan.stderr
+    jobs = planned_jobs(plan.stdout)
+    assert {rule for rule, _ in jobs} >= {"train", "train_parent", "train_child", "align_pair", "lmc"}
+    for rule, wildcards in jobs:
+        assert rule in CROSS_EXPERIMENT_RULES or "experiment=cnn" in wildcards, (rule, wildcards)
+    mlp_runs = sorted((workdir / "results/mlp/runs").rglob("*.pt"))
+    before = {p: p.stat().st_mtime_ns for p in mlp_runs}
+    run = snakemake(workdir, "--cores", "2", timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in mlp_runs} == before
+    assert "Nothing to be done" in snakemake(workdir, "-n", "--cores", "2").stdout
+
+
+@pytest.mark.slow
+def test_a_killed_training_job_resumes_from_its_checkpoint(tmp_path):
+    """Kill snakemake mid-training; the re-run resumes from the newest checkpoint and ends with
+    the weights of an uninterrupted run."""
+    import signal
+    import time
+
+    import torch
+
+    config = {"experiments": {"m": {"model": {"arch": "mlp", "width": 64, "depth": 2},
+                                    "train": {"epochs": 40}}}}
+    target = "results/m/runs/seed0/final.pt"
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    for workdir in (killed, clean):
+        workdir.mkdir()
+        write_config(workdir, config)
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(killed),
+           "--cores", "1", target]
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    checkpoints = killed / "results/m/runs/seed0/checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("epoch_000[3-9].pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (killed / target).exists(), "killed too late: training had finished"
+    assert snakemake(killed, "--unlock").returncode == 0  # the killed run left its lock behind
+    rerun = snakemake(killed, "--cores", "1", target, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming at epoch" in (killed / "logs/m/runs/seed0.log").read_text()
+    assert snakemake(clean, "--cores", "1", target, timeout=600).returncode == 0
+    a, b = (torch.load(d / target, weights_only=True)["model"] for d in (killed, clean))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def assert_permuted_endpoint(root: Path, method: str) -> None:

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from .io import atomic_path  # noqa: E402
 from .metrics import barriers  # noqa: E402
 
 __all__ = ["fig_lmc", "fig_alignment", "fig_llfc", "fig_coef", "fig_weak_additivity",
@@ -53,11 +54,12 @@ COMMUTATIVITY = {"dist_com": "Dist_com (commutativity)", "dist_w": "Dist_W = dis
 
 
 def _save(fig: plt.Figure, out_pdf: str | Path) -> None:
-    """Write the PDF and a PNG with the same stem, then free the figure."""
+    """Write the PDF and a PNG with the same stem (each atomically), then free the figure."""
     out_pdf = Path(out_pdf)
-    out_pdf.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_pdf, bbox_inches="tight")
-    fig.savefig(out_pdf.with_suffix(".png"), dpi=120, bbox_inches="tight")
+    for path, options in ((out_pdf, {"format": "pdf"}),
+                          (out_pdf.with_suffix(".png"), {"format": "png", "dpi": 120})):
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, bbox_inches="tight", **options)
     plt.close(fig)
 
 

@@ -22,14 +22,15 @@ from .training import resolve_device
 
 
 def start(snakemake, device: str = "auto") -> tuple:
-    """Set up logging to snakemake.log[0], torch threads and the device; return (log, device)."""
+    """Set up logging to snakemake.log[0] (follow it with `tail -f`), torch threads and the
+    device; return (log, device)."""
     logger = logging.getLogger(f"lmcflow.{snakemake.rule}")
     logger.setLevel(logging.INFO)
     logger.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stderr)]
-    if snakemake.log:
-        handlers.append(logging.FileHandler(snakemake.log[0], mode="w"))
+    console = logging.StreamHandler(sys.stderr)  # progress goes to the log; only problems here
+    console.setLevel(logging.INFO if not snakemake.log else logging.WARNING)
+    handlers = [console] + ([logging.FileHandler(snakemake.log[0], mode="w")] if snakemake.log else [])
     for h in handlers:
         h.setFormatter(fmt)
         logger.addHandler(h)

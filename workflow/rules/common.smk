@@ -36,6 +36,17 @@ wildcard_constraints:
     child=r"\d+",
 
 
+PACKAGE = os.path.join(workflow.basedir, "workflow", "lmcflow")
+
+
+def code(*modules):
+    """The package modules a rule's script imports, as inputs: editing one re-runs the rule
+    (Snakemake's code trigger follows only the script file itself). Every script imports jobs,
+    which brings config, io, data, models and training."""
+    base = ("__init__", "jobs", "config", "io", "data", "models", "training")
+    return [os.path.join(PACKAGE, f"{m}.py") for m in (*base, *modules)]
+
+
 def exp(wildcards):
     return EXPERIMENTS[wildcards.experiment]
 

@@ -19,11 +19,16 @@ TABLE_OF_FIGURE = {
 
 rule table:
     input:
-        lambda wildcards: pair_files(
+        tables=lambda wildcards: pair_files(
             f"{wildcards.table}.parquet", layerwise=wildcards.table in LAYERWISE_TABLES
         ),
+        code=code(),
     output:
-        "results/tables/{table}.parquet",
+        report(
+            "results/tables/{table}.parquet",
+            caption="../report/table.rst",
+            category="Tables",
+        ),
     wildcard_constraints:
         table="|".join(PAIR_TABLES + LAYERWISE_TABLES),
     log:
@@ -39,6 +44,7 @@ rule table:
 rule alignment_table:
     input:
         "results/tables/lmc.parquet",
+        code=code("figures", "metrics"),
     output:
         "results/tables/alignment.parquet",
     log:
@@ -54,8 +60,9 @@ rule alignment_table:
 rule figure:
     input:
         lambda wildcards: f"results/tables/{TABLE_OF_FIGURE[wildcards.fig]}.parquet",
+        code=code("figures", "metrics"),
     output:
-        pdf="results/figures/{fig}.pdf",
+        pdf=report("results/figures/{fig}.pdf", caption="../report/figure.rst", category="Figures"),
         png="results/figures/{fig}.png",
     wildcard_constraints:
         fig="|".join(TABLE_OF_FIGURE),

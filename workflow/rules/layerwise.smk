@@ -5,6 +5,7 @@
 rule layerwise:
     input:
         unpack(get_layerwise_input),
+        code=code("layerwise", "interpolation", "matching", "metrics", "features"),
     output:
         layer_barriers=f"{PAIR}/layer_barriers.parquet",
         cumulative_barriers=f"{PAIR}/cumulative_barriers.parquet",
@@ -26,6 +27,8 @@ rule layerwise:
 
 
 rule linear_toy:
+    input:
+        code=code("layerwise", "interpolation", "metrics"),
     output:
         "results/tables/linear_toy.parquet",
     log:

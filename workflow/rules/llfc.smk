@@ -7,6 +7,7 @@ rule features:
         a=rules.lmc.input.a,
         b=rules.lmc.input.b,
         info=rules.lmc.input.info,
+        code=code("features", "interpolation"),
     output:
         f"{PAIR}/features.parquet",
     params:
@@ -27,6 +28,7 @@ rule features:
 rule llfc:
     input:
         rules.features.output[0],
+        code=code("metrics", "features"),
     output:
         f"{PAIR}/llfc.parquet",
     log:
@@ -44,6 +46,7 @@ rule mechanisms:
         a=rules.lmc.input.a,
         b=rules.lmc.input.b,
         info=rules.lmc.input.info,
+        code=code("mechanisms", "metrics", "features"),
     output:
         weak_additivity=f"{PAIR}/weak_additivity.parquet",
         commutativity=f"{PAIR}/commutativity.parquet",

@@ -7,6 +7,7 @@ PAIR = "results/{experiment}/pairs/{method}/{pair}"
 rule make_pair:
     input:
         unpack(get_make_pair_input),
+        code=code("pairs", "matching", "features"),
     output:
         a=f"{PAIR}/model_a.pt",
         b=f"{PAIR}/model_b.pt",
@@ -47,6 +48,7 @@ rule lmc:
         a=f"{PAIR}/model_a.pt",
         b=f"{PAIR}/model_b.pt",
         info=f"{PAIR}/pair.json",
+        code=code("interpolation"),
     output:
         f"{PAIR}/lmc.parquet",
     params:

@@ -3,6 +3,8 @@
 
 
 rule train:
+    input:
+        code=code(),
     output:
         "results/{experiment}/runs/seed{seed}/final.pt",
     params:
@@ -34,6 +36,7 @@ use rule train as train_parent with:
 use rule train as train_child with:
     input:
         parent="results/{experiment}/runs/spawn{seed}/parent/final.pt",
+        code=code(),
     output:
         "results/{experiment}/runs/spawn{seed}/child{child}/final.pt",
     params:

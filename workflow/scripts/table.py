@@ -6,6 +6,6 @@ from lmcflow import jobs
 from lmcflow.io import save_parquet
 
 log, _ = jobs.start(snakemake, "cpu")
-table = pd.concat([pd.read_parquet(path) for path in snakemake.input], ignore_index=True)
+table = pd.concat([pd.read_parquet(path) for path in snakemake.input.tables], ignore_index=True)
 save_parquet(table, snakemake.output[0])
-log(f"{len(table)} rows from {len(snakemake.input)} files -> {snakemake.output[0]}")
+log(f"{len(table)} rows from {len(snakemake.input.tables)} files -> {snakemake.output[0]}")
