@@ -87,6 +87,10 @@ def test_tiny_config_end_to_end(tmp_path):
 
     again = snakemake(tmp_path, "-n", "--cores", "2")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    report = snakemake(tmp_path, "--report", "report.html")
+    assert report.returncode == 0, report.stderr[-2000:]
+    html = (tmp_path / "report.html").read_text()
+    assert "fig3.pdf" in html and "LLFC holds where" in html and "llfc.parquet" in html
 
     lmc = pd.read_parquet(tmp_path / "results/tables/lmc.parquet")
     assert list(lmc.columns[:3]) == ["experiment", "method", "pair"]
