@@ -244,3 +244,16 @@ def assert_layerwise_claims(t: dict) -> None:
     moved = naive["layer_robustness"].query("step == 1 and layer != 'out'")
     loss = moved.groupby(["layer", "direction"])["loss"].mean().unstack()
     assert (loss["random"] < loss["interpolation"]).all(), loss
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "workflow/configs").glob("*.yaml")))
+def test_paper_configs_dry_run_on_their_own(tmp_path, config):
+    """A paper-scale config replaces the default one (its experiments only) and plans every figure."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    out = snakemake(tmp_path, "-n", "--cores", "8", "--configfile", str(REPO / "workflow/configs" / config))
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = yaml.safe_load((REPO / "workflow/configs" / config).read_text())["experiments"]
+    planned = {w.split("experiment=")[1].split(",")[0] for _, w in planned_jobs(out.stdout)
+               if "experiment=" in w}
+    assert planned == set(names)
+    assert "results/figures/fig11.pdf" in out.stdout
