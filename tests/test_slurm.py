@@ -1,0 +1,195 @@
+"""The `slurm` profile on a real one-node SLURM cluster (tests/slurm/cluster.py sets it up: munge,
+slurmctld, slurmd, one fake GPU; apt-get installs the packages where they are missing).
+
+- A small config runs through `snakemake --profile slurm`, typed in the repository root, so the
+  repository's slurm/config.v8+.yaml is the profile used. Every job must have gone through sbatch
+  (slurmctld lists it, completed, with the profile's memory and time limits) and the tables must
+  equal, exactly, those of the same config run locally with --cores 2 (CPU, one thread per job).
+- A job with a GPU request (`--set-resources train:gpu=1`, what `device: cuda` makes the heavy
+  rules ask for) is submitted with --gpus=1, gets the fake GPU, and still trains on the CPU.
+
+Every run is wrapped in `timeout`, so a run that loses track of its jobs fails instead of
+hanging; leftover jobs are cancelled and the daemons stopped at the end.
+"""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+PROFILE = yaml.safe_load((REPO / "slurm" / "config.v8+.yaml").read_text())
+TIMEOUT = 900  # seconds for one snakemake run; the whole module takes about 3 minutes
+
+
+def _load_cluster_module():
+    # loaded by path: a package named `slurm` would clash with the profile folder slurm/
+    spec = importlib.util.spec_from_file_location("lmcflow_test_cluster",
+                                                  Path(__file__).parent / "slurm" / "cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cluster_lib = _load_cluster_module()
+
+SMALL = {
+    "experiments": {
+        "mlp": {
+            "model": {"arch": "mlp", "width": 64, "depth": 2},
+            "train": {"epochs": 2},
+            "spawn_epoch": 1,
+            "llfc": {"probe_size": 50},
+            "methods": ["spawning", "naive"],
+        }
+    }
+}
+TABLES = ["results/tables/lmc.parquet", "results/tables/llfc.parquet"]
+RULES = {"train", "train_parent", "train_child", "make_pair", "lmc", "features", "llfc", "table"}
+# The plugin first checks job status 40 s after a submission; a test run polls sooner. MinJobAge
+# (600 s) stays far above the 3 x this that the plugin requires for squeue.
+FAST_STATUS = ["--slurm-init-seconds-before-status-checks", "2"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    slurm = cluster_lib.LocalSlurm(tmp_path_factory.mktemp("lmcflow-slurm"))
+    try:
+        slurm.start()
+    except cluster_lib.ClusterUnavailable as err:
+        pytest.skip(f"no one-node SLURM cluster on this machine: {err}")
+    try:
+        yield slurm
+    finally:
+        slurm.stop()
+
+
+def start_snakemake(workdir: Path, *args: str, cwd: Path) -> subprocess.Popen:
+    cmd = ["timeout", "-k", "10", str(TIMEOUT), SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(workdir), *args]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finish(proc: subprocess.Popen, what: str) -> str:
+    out, _ = proc.communicate(timeout=TIMEOUT + 30)
+    if proc.returncode in (124, 137):
+        pytest.fail(f"{what} did not finish within {TIMEOUT} s (lost track of its jobs?):\n"
+                    f"{out[-4000:]}")
+    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+def steps_done(out: str) -> int:
+    done = re.findall(r"(\d+) of (\d+) steps \(100%\) done", out)
+    assert done, out[-3000:]
+    return int(done[-1][1])
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def rule_of(job: dict) -> str:
+    """The plugin's sbatch --comment is rule_<rule>[_wildcards_<values>]."""
+    return re.fullmatch(r"rule_(.+?)(_wildcards_.*)?", job["Comment"]).group(1)
+
+
+def minutes(limit: str) -> int:
+    """SLURM's [D-]HH:MM:SS time limit in minutes."""
+    days, _, hms = limit.rpartition("-")
+    h, m, s = map(int, hms.split(":"))
+    return (int(days or 0) * 24 + h) * 60 + m + (s > 0)
+
+
+def profile_resource(rule: str, name: str):
+    return PROFILE.get("set-resources", {}).get(rule, {}).get(name,
+                                                              PROFILE["default-resources"][name])
+
+
+@pytest.mark.slow
+def test_profile_runs_the_workflow_through_sbatch_with_the_local_results(cluster, tmp_path):
+    on_slurm, local = tmp_path / "slurm", tmp_path / "local"
+    write_config(on_slurm, SMALL)
+    write_config(local, SMALL)
+    before = {job["JobId"] for job in cluster.jobs()}
+
+    start = time.monotonic()
+    try:
+        # both at once: the SLURM run mostly waits between status checks
+        slurm_run = start_snakemake(on_slurm, "--profile", "slurm", *FAST_STATUS, *TABLES, cwd=REPO)
+        local_run = start_snakemake(local, "--cores", "2", *TABLES, cwd=local)
+        out = finish(slurm_run, "snakemake --profile slurm")
+        local_out = finish(local_run, "snakemake --cores 2")
+    finally:
+        cluster.cancel_all()
+    print(f"\nSLURM and local runs: {time.monotonic() - start:.0f} s")
+
+    assert "Using profiles slurm and workflow specific profile" in out, out[:2000]
+    assert "Falling back to 'sacct'" not in out
+    n_jobs = steps_done(out)
+    assert n_jobs == steps_done(local_out) == 15
+
+    # every job of the run went through sbatch: slurmctld still lists it (MinJobAge 600 s)
+    jobs = [job for job in cluster.jobs() if job["JobId"] not in before]
+    assert len(jobs) == n_jobs, [job.get("Comment") for job in jobs]
+    assert len({job["JobName"] for job in jobs}) == 1  # the run's uuid, which squeue filters by
+    assert {rule_of(job) for job in jobs} == RULES
+    for job in jobs:
+        rule = rule_of(job)
+        assert (job["JobState"], job["ExitCode"], job["NodeList"]) == ("COMPLETED", "0:0",
+                                                                       "localhost"), job
+        assert job["WorkDir"] == str(on_slurm)
+        assert job["NumCPUs"] == "1"  # threads: 1
+        # the profile's resources reached sbatch (--mem, -t)
+        assert job["MinMemoryNode"] == f"{profile_resource(rule, 'mem_mb')}M", job
+        assert minutes(job["TimeLimit"]) == profile_resource(rule, "runtime"), (rule, job)
+        assert job["JOB_GRES"] == "(null)", job  # device auto -> cpu: no GPU asked for
+
+    for table in TABLES:
+        pd.testing.assert_frame_equal(pd.read_parquet(on_slurm / table),
+                                      pd.read_parquet(local / table), check_exact=True)
+
+
+@pytest.mark.slow
+def test_a_gpu_request_reaches_sbatch_and_the_job_still_runs_on_cpu(cluster, tmp_path):
+    # the workflow's own request: device cuda -> gpu=1 on the heavy rules (dry run, no submission)
+    cuda = {"experiments": {"mlp": {**SMALL["experiments"]["mlp"], "device": "cuda"}}}
+    write_config(tmp_path / "dry", cuda)
+    dry = subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory",
+                          str(tmp_path / "dry"), "--profile", "slurm", "-n", *TABLES], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    gpus = {}
+    for rule, block in re.findall(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", dry.stdout, re.M | re.S):
+        found = re.search(r"resources: .*?\bgpu=(\d+)", block)
+        gpus.setdefault(rule, set()).add(found.group(1) if found else "0")
+    heavy = {"train", "train_parent", "train_child", "lmc", "features"}
+    assert {rule: gpus[rule] for rule in heavy} == dict.fromkeys(heavy, {"1"}), gpus
+    assert gpus["table"] == {"0"}, gpus
+
+    # a real submission with the same request, on the fake-GPU node
+    workdir = tmp_path / "gpu"
+    write_config(workdir, SMALL)
+    before = {job["JobId"] for job in cluster.jobs()}
+    try:
+        proc = start_snakemake(workdir, "results/mlp/runs/seed0/final.pt", "--profile", "slurm",
+                               *FAST_STATUS, "--set-resources", "train:gpu=1", cwd=REPO)
+        finish(proc, "snakemake --profile slurm --set-resources train:gpu=1")
+    finally:
+        cluster.cancel_all()
+    [job] = [job for job in cluster.jobs() if job["JobId"] not in before]
+    assert rule_of(job) == "train"
+    assert job["JobState"] == "COMPLETED", job
+    assert job["TresPerJob"] == "gres:gpu:1", job  # sbatch --gpus=1
+    assert job["JOB_GRES"] == "gpu:1", job  # and the scheduler gave it the (fake) GPU
+    assert " on cpu, 1 threads" in (workdir / "logs/mlp/runs/seed0.log").read_text()
