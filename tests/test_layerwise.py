@@ -174,7 +174,8 @@ def test_single_layer_barriers(pair, data):
 def test_self_pair_has_zero_barriers(pair, data):
     state_a = pair[0]
     df = single_layer_barriers(mlp(5), state_a, state_a, data, **QUIET)
-    assert (df["loss_barrier"] == 0).all() and (df["error_barrier"] == 0).all()
+    # variants are evaluated batched (vmap), the endpoints one by one: float32 rounding apart
+    assert (df["loss_barrier"].abs() < 1e-6).all() and (df["error_barrier"] == 0).all()
 
 
 def test_self_pair_zero_with_bn_reset(data):
@@ -232,7 +233,7 @@ def test_layer_robustness(pair, data):
         swapped = {**state_a, "fc2.weight": state_b["fc2.weight"], "fc2.bias": state_b["fc2.bias"]}
         row = df[(df.layer == "fc2") & (df.direction == "interpolation") & (df.step == 1)
                  & (df.split == split)]
-        assert row["loss"].item() == pytest.approx(evaluate_state(swapped, data, split)[0], abs=1e-12)
+        assert row["loss"].item() == pytest.approx(evaluate_state(swapped, data, split)[0], rel=1e-6)
     # the norm column is ‖θ_B^l − θ_A^l‖; the random move at step 1 has exactly that length
     keys = ["fc1.weight", "fc1.bias"]
     d = torch.sqrt(sum((state_b[k] - state_a[k]).double().square().sum() for k in keys)).item()
@@ -244,7 +245,7 @@ def test_layer_robustness(pair, data):
     row = df[(df.layer == "fc1") & (df.direction == "random") & (df.draw == 1) & (df.step == 1)
              & (df.split == "test")]
     expected = evaluate_state({**state_a, **moved}, data, "test")[0]
-    assert row["loss"].item() == pytest.approx(expected, abs=1e-12)
+    assert row["loss"].item() == pytest.approx(expected, rel=1e-6)  # batched vs one by one
     # distinct draws give distinct directions; same seed is reproducible
     r0 = random_direction(state_a, keys, d, derive_seed(7, 0, 0))
     assert not torch.equal(r0["fc1.weight"], r["fc1.weight"])

@@ -27,11 +27,11 @@ Randomness is explicit: every random draw comes from a ``torch.Generator`` seede
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import SPLITS, Data
@@ -121,13 +121,61 @@ def _evaluate_state(model: nn.Module, state: dict, data: Data, splits: Sequence[
     return {s: evaluate(model, *data.split(s), data.normalize, batch_size, device) for s in splits}
 
 
-def _evaluator(model, data, splits, bn, batch_size, device) -> Callable[[dict], Result]:
-    _check_bn(bn)
-    for s in splits:
-        data.split(s)  # fail early on an unknown split name
-    model.to(device)
-    return partial(_evaluate_state, model, data=data, splits=tuple(splits), bn=bn,
-                   batch_size=batch_size, device=device)
+@torch.no_grad()
+def evaluate_many(model: nn.Module, states: Sequence[dict], x: Tensor, y: Tensor,
+                  normalize: Callable, batch_size: int = 1000, device="cpu") -> list[tuple[float, float]]:
+    """(loss, error) of every state in ONE pass over (x, y): the states' tensors are stacked
+    (K, ...) and the model is vmapped over them (torch.func.functional_call), so each batch is
+    read, normalised and moved once for all K variants. Eval mode (BN uses running statistics)."""
+    model.eval()
+    stacked = {k: torch.stack([st[k].to(device) for st in states]) for k in states[0]}
+    forward = torch.vmap(lambda p, xb: torch.func.functional_call(model, p, (xb,)), in_dims=(0, None))
+    loss = torch.zeros(len(states), dtype=torch.float64, device=device)
+    wrong = torch.zeros(len(states), dtype=torch.long, device=device)
+    for start in range(0, len(y), batch_size):
+        xb = normalize(x[start:start + batch_size].to(device))
+        yb = y[start:start + batch_size].to(device)
+        logits = forward(stacked, xb).double()  # (K, B, classes)
+        ce = F.cross_entropy(logits.flatten(0, 1), yb.repeat(len(states)), reduction="none")
+        loss += ce.view(len(states), -1).sum(1)
+        wrong += (logits.argmax(-1) != yb).sum(1)
+    return [(float(l_) / len(y), int(w) / len(y)) for l_, w in zip(loss.cpu(), wrong.cpu())]
+
+
+class _Evaluator:
+    """Evaluates states on the splits: one at a time (`ev(state)`), or many variants per pass
+    over the data (`ev.many(states)`) where the variants need no BN reset of their own."""
+
+    MAX_STACKED = 2 ** 26  # floats of stacked weights per pass (256 MB in float32)
+
+    def __init__(self, model, data, splits, bn, batch_size, device):
+        _check_bn(bn)
+        for s in splits:
+            data.split(s)  # fail early on an unknown split name
+        self.model, self.data, self.splits = model.to(device), data, tuple(splits)
+        self.bn, self.batch_size, self.device = bn, batch_size, device
+        self.batched = not (bn == "reset" and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()))
+
+    def __call__(self, state: dict) -> Result:
+        return _evaluate_state(self.model, state, self.data, self.splits, self.bn,
+                               self.batch_size, self.device)
+
+    def many(self, states: Sequence[dict]) -> list[Result]:
+        chunk = self.MAX_STACKED // sum(t.numel() for t in states[0].values())
+        if not self.batched or len(states) < 2 or chunk < 2:
+            return [self(st) for st in states]
+        results: list[Result] = []
+        for start in range(0, len(states), chunk):
+            part = states[start:start + chunk]
+            per_split = {s: evaluate_many(self.model, part, *self.data.split(s), self.data.normalize,
+                                          self.batch_size, self.device) for s in self.splits}
+            results += [{s: per_split[s][i] for s in self.splits} for i in range(len(part))]
+        return results
+
+
+def _evaluator(model, data, splits, bn, batch_size, device) -> _Evaluator:
+    return _Evaluator(model, data, splits, bn, batch_size, device)
 
 
 def _rows(meta: dict, result: Result, reference: Result | None = None) -> list[dict]:
@@ -170,15 +218,19 @@ def single_layer_barriers(model: nn.Module, state_a: dict, state_b: dict, data: 
     (rows: G·2·len(splits) + len(splits)).
     """
     ev = _evaluator(model, data, splits, bn, batch_size, device)
-    reference = _endpoint_reference(ev, state_a, state_b)
     mid = lerp_state(state_a, state_b, 0.5)
+    variants = [({"layer": name, "layer_index": i, "into": into}, _splice(base, mid, keys))
+                for i, (name, keys) in enumerate(layer_groups(model))
+                for into, base in (("a", state_a), ("b", state_b))]
+    # endpoints and midpoint one by one (every analysis shares these exact numbers), the
+    # variants batched: they agree with one-by-one evaluation to float32 rounding
+    reference, res_mid = _endpoint_reference(ev, state_a, state_b), ev(mid)
+    results = ev.many([v for _, v in variants])
     rows = []
-    for i, (name, keys) in enumerate(layer_groups(model)):
-        for into, base in (("a", state_a), ("b", state_b)):
-            result = ev(_splice(base, mid, keys))
-            rows += _rows({"layer": name, "layer_index": i, "into": into}, result, reference)
-        log(f"single layer {name} loss barrier: {_barrier_summary(rows[-2 * len(splits):])}")
-    rows += _rows({"layer": ALL, "layer_index": -1, "into": "both"}, ev(mid), reference)
+    for (meta, _), result in zip(variants, results):
+        rows += _rows(meta, result, reference)
+        log(f"single layer {meta['layer']} into {meta['into']}: {_barrier_summary(rows[-len(splits):])}")
+    rows += _rows({"layer": ALL, "layer_index": -1, "into": "both"}, res_mid, reference)
     log(f"full midpoint loss barrier: {_barrier_summary(rows[-len(splits):])}")
     return pd.DataFrame(rows, columns=["layer", "layer_index", "into", "split", "loss", "error",
                                        "loss_barrier", "error_barrier"])
@@ -202,17 +254,20 @@ def cumulative_barriers(model: nn.Module, state_a: dict, state_b: dict, data: Da
     mid = lerp_state(state_a, state_b, 0.5)
     full = ev(mid)
     groups = layer_groups(model)
-    rows = []
+    variants = []  # (meta, state or None for θ_½ itself)
     for order, sequence in (("shallow", groups), ("deep", groups[::-1])):
         averaged: list[str] = []
         for step, (name, keys) in enumerate(sequence, start=1):
             averaged += keys
             for into, base in (("a", state_a), ("b", state_b)):
-                result = full if step == len(groups) else ev(_splice(base, mid, averaged))
-                meta = {"order": order, "step": step, "layer": name, "into": into}
-                rows += _rows(meta, result, reference)
-            log(f"cumulative {order} step {step} (+{name}) loss barrier: "
-                f"{_barrier_summary(rows[-2 * len(splits):])}")
+                state = None if step == len(groups) else _splice(base, mid, averaged)
+                variants.append(({"order": order, "step": step, "layer": name, "into": into}, state))
+    batched = iter(ev.many([st for _, st in variants if st is not None]))
+    rows = []
+    for meta, state in variants:
+        rows += _rows(meta, full if state is None else next(batched), reference)
+        log(f"cumulative {meta['order']} step {meta['step']} (+{meta['layer']}) into {meta['into']}: "
+            f"{_barrier_summary(rows[-len(splits):])}")
     return pd.DataFrame(rows, columns=["order", "step", "layer", "into", "split", "loss", "error",
                                        "loss_barrier", "error_barrier"])
 
@@ -265,12 +320,12 @@ def layer_robustness(model: nn.Module, state_a: dict, state_b: dict, data: Data,
         for draw in range(draws):
             r = random_direction(state_a, pkeys, norm, derive_seed(seed, i, draw))
             moves.append(("random", draw, lambda s, r=r: {k: state_a[k] + s * r[k] for k in pkeys}))
-        for direction, draw, move in moves:
-            for s in steps:
-                result = result_a if s == 0 else ev({**state_a, **move(float(s))})
-                meta = {"layer": name, "layer_index": i, "direction": direction, "draw": draw,
-                        "step": float(s)}
-                rows += [{**row, "norm": norm} for row in _rows(meta, result)]
+        variants = [({"layer": name, "layer_index": i, "direction": direction, "draw": draw,
+                      "step": float(s)}, move(float(s))) for direction, draw, move in moves for s in steps]
+        moved = iter(ev.many([{**state_a, **v} for meta, v in variants if meta["step"] != 0]))
+        for meta, _ in variants:  # step 0 is θ_A itself: its evaluation is reused
+            result = result_a if meta["step"] == 0 else next(moved)
+            rows += [{**row, "norm": norm} for row in _rows(meta, result)]
         log(f"robustness {name}: ‖d‖ = {norm:.4f}, {draws} random draws")
     return pd.DataFrame(rows, columns=["layer", "layer_index", "direction", "draw", "step", "split",
                                        "loss", "error", "norm"])
