@@ -109,12 +109,12 @@ def _write_idx(path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def _write_mnist_fixture(raw_dir, seed: int):
-    """20 train / 10 test random images with known pixels; returns the arrays written."""
+def _write_mnist_fixture(raw_dir, seed: int, n_train: int = 20, n_test: int = 10):
+    """n_train / n_test random images with known pixels; returns the arrays written."""
     rng = np.random.default_rng(seed)
     raw_dir.mkdir(parents=True)
     arrays = {}
-    for prefix, n in (("train", 20), ("t10k", 10)):
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
         x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         y = rng.integers(0, 10, size=n, dtype=np.uint8)
         _write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", x)
@@ -156,13 +156,14 @@ def test_fashion_mnist_does_not_read_mnist_folder(tmp_path):
 # ---------------------------------------------------------------- CIFAR-10 pickled batches
 
 
-def _write_cifar_fixture(root, seed: int = 0):
-    """5 train batches of 4 images + a test batch of 6; returns (data rows, labels) per split."""
+def _write_cifar_fixture(root, seed: int = 0, per_batch: int = 4, n_test: int = 6):
+    """5 train batches of per_batch images + a test batch of n_test; returns (data rows,
+    labels) per split."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     written = {"train": ([], []), "test": ([], [])}
-    files = [(f"data_batch_{i}", "train", 4) for i in range(1, 6)] + [("test_batch", "test", 6)]
+    files = [(f"data_batch_{i}", "train", per_batch) for i in range(1, 6)] + [("test_batch", "test", n_test)]
     for fname, split, n in files:
         rows = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, size=n).tolist()

@@ -257,3 +257,46 @@ def test_paper_configs_dry_run_on_their_own(tmp_path, config):
                if "experiment=" in w}
     assert planned == set(names)
     assert "results/figures/fig11.pdf" in out.stdout
+
+
+def _smoke_config(config_file: Path, data_dir: Path) -> dict:
+    """A paper config shrunk to one batch of one epoch on the fixture data: same experiments,
+    models (the smallest width of a sweep), methods and analyses."""
+    experiments = yaml.safe_load(config_file.read_text())["experiments"]
+    widths = [e["model"].get("width", 1) for e in experiments.values()]
+    small = {}
+    for name, e in experiments.items():
+        if e["model"].get("width", 1) != min(widths):
+            continue
+        e["data"] = {"name": e["data"]["name"], "data_dir": str(data_dir), "download": False}
+        e["train"].update(epochs=1, batch_size=128, milestones=[1], checkpoint_epochs=[0])
+        e.update(spawn_epoch=0, threads=1, device="cpu", matching={"batches": 1, "batch_size": 32})
+        e["llfc"] = {"probe_size": 8, "batch_size": 8}
+        e["lmc"] = {**e.get("lmc", {}), "points": 3, "batch_size": 64}
+        # interpolated BN statistics: no reset pass per variant, and the batched (vmap) path
+        e["layerwise"] = {"eval_samples": 8, "draws": 1, "steps": [1], "norms": [1],
+                          "splits": ["test"], "bn": "interpolate"}
+        small[name] = e
+    return {"experiments": small}
+
+
+@pytest.mark.slow
+def test_paper_configs_smoke_run_on_fixture_data(tmp_path):
+    """Every paper-scale config, shrunk to one batch of one epoch, runs to every figure on tiny
+    files in the datasets' own formats (CIFAR-10 pickles, MNIST IDX): all model families,
+    methods and analyses at paper settings otherwise."""
+    from test_data import _write_cifar_fixture, _write_mnist_fixture
+
+    data_dir = tmp_path / "data"
+    _write_cifar_fixture(data_dir, per_batch=16, n_test=32)  # 80 train images: one batch of 128
+    _write_mnist_fixture(data_dir / "MNIST" / "raw", seed=0, n_train=80, n_test=32)
+    experiments = {}
+    for config in sorted((REPO / "workflow/configs").glob("*.yaml")):
+        experiments |= _smoke_config(config, data_dir)["experiments"]
+    write_config(tmp_path, {"experiments": experiments})
+    out = snakemake(tmp_path, "--cores", "2", timeout=1500)
+    assert out.returncode == 0, out.stderr[-4000:]
+    for fig in range(1, 12):
+        assert (tmp_path / f"results/figures/fig{fig}.pdf").exists()
+    lmc = pd.read_parquet(tmp_path / "results/tables/lmc.parquet")
+    assert set(lmc.experiment) == set(experiments)

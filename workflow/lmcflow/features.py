@@ -33,8 +33,12 @@ def alpha_network(alpha: float) -> str:
 
 
 @contextmanager
-def capture(model: nn.Module, layers: list[str]):
-    """Record the outputs of `layers` (module names) during forward passes: name -> (B, D)."""
+def capture(model: nn.Module, layers: list[str], inputs: bool = False):
+    """Record the outputs of `layers` (module names) during forward passes: name -> (B, D).
+
+    With `inputs=True`, record each module's first input instead, unflattened (e.g. the
+    pre-activation a ReLU receives, or the H a Linear/Conv2d multiplies).
+    """
     modules = dict(model.named_modules())
     missing = [name for name in layers if name not in modules]
     if missing:
@@ -42,11 +46,16 @@ def capture(model: nn.Module, layers: list[str]):
     store: dict[str, torch.Tensor] = {}
 
     def hook(name):
-        def fn(_module, _inputs, output):
+        def output_hook(_module, _inputs, output):
             store[name] = output.detach().flatten(1)
-        return fn
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
+        def input_hook(_module, args):
+            store[name] = args[0].detach()
+
+        return input_hook if inputs else output_hook
+
+    register = "register_forward_pre_hook" if inputs else "register_forward_hook"
+    handles = [getattr(modules[name], register)(hook(name)) for name in layers]
     try:
         yield store
     finally:

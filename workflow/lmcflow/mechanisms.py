@@ -15,7 +15,6 @@ probe set, one batch at a time, with dist(x, y) = ‖x − y‖² / (‖x‖·�
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -24,30 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .features import capture
 from .metrics import DistAccumulator, dist
 
 
 def modules_of(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, kinds)]
-
-
-@contextmanager
-def capture_inputs(model: nn.Module, names: list[str]):
-    """Record the first input of each named module during forward passes: name -> tensor."""
-    modules = dict(model.named_modules())
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def fn(_module, inputs):
-            store[name] = inputs[0].detach()
-        return fn
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _batches(x, samples, normalize, batch_size, device):
@@ -57,9 +38,9 @@ def _batches(x, samples, normalize, batch_size, device):
 
 
 def _inputs_of(model_a, model_b, names, xb):
-    with capture_inputs(model_a, names) as h_a:
+    with capture(model_a, names, inputs=True) as h_a:
         model_a(xb)
-    with capture_inputs(model_b, names) as h_b:
+    with capture(model_b, names, inputs=True) as h_b:
         model_b(xb)
     return h_a, h_b
 
