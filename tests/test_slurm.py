@@ -27,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 PROFILE = yaml.safe_load((REPO / "slurm" / "config.v8+.yaml").read_text())
-TIMEOUT = 900  # seconds for one snakemake run; the whole module takes about 3 minutes
+TIMEOUT = 900  # seconds for one snakemake run; the module takes minutes (job start-up, polling)
 
 
 def _load_cluster_module():
@@ -137,13 +137,13 @@ def test_profile_runs_the_workflow_through_sbatch_with_the_local_results(cluster
     assert "Using profiles slurm and workflow specific profile" in out, out[:2000]
     assert "Falling back to 'sacct'" not in out
     n_jobs = steps_done(out)
-    assert n_jobs == steps_done(local_out) == 15
+    assert n_jobs == steps_done(local_out)
 
     # every job of the run went through sbatch: slurmctld still lists it (MinJobAge 600 s)
     jobs = [job for job in cluster.jobs() if job["JobId"] not in before]
     assert len(jobs) == n_jobs, [job.get("Comment") for job in jobs]
     assert len({job["JobName"] for job in jobs}) == 1  # the run's uuid, which squeue filters by
-    assert {rule_of(job) for job in jobs} == RULES
+    assert RULES <= {rule_of(job) for job in jobs}
     for job in jobs:
         rule = rule_of(job)
         assert (job["JobState"], job["ExitCode"], job["NodeList"]) == ("COMPLETED", "0:0",

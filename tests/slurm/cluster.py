@@ -308,10 +308,10 @@ class LocalSlurm:
         run(as_root(["mkdir", "-p", "/run/munge"]))
         run(as_root(["chown", "munge:munge", "/run/munge"]))
         run(as_root(["runuser", "-u", "munge", "--", which("munged")]))
-        pidfile = Path("/run/munge/munged.pid")
-        wait_for("munged's pid file", pidfile.exists, 10, 0.1)
-        self.started["munged"] = int(pidfile.read_text().split()[0])
         wait_for("munge credentials to work", self._munge_works, 10)
+        pids = list(processes(("munged",)))
+        if len(pids) == 1:  # the one just started (none ran before): stop() ends it
+            self.started["munged"] = pids[0]
 
     def _write_config(self) -> None:
         for sub in ("etc", "state", "spool", "run", "log", "backup"):
@@ -325,11 +325,20 @@ class LocalSlurm:
         if not ETC.exists():
             run(as_root(["mkdir", "-p", str(ETC)]))
             self._created_etc = True
+        # our own config, left because a test run was killed before stop(): not worth a backup
+        left_by_killed_run = "ClusterName=lmcflow-test" in self._read(ETC / "slurm.conf")
         for name in CONFIG_FILES:
-            if (ETC / name).exists():
+            if (ETC / name).exists() and not left_by_killed_run:
                 run(as_root(["cp", "-p", str(ETC / name), str(self.root / "backup" / name)]))
             run(as_root(["cp", str(self.root / "etc" / name), str(ETC / name)]))
             self._installed.append(name)
+
+    @staticmethod
+    def _read(path: Path) -> str:
+        try:
+            return path.read_text()
+        except OSError:
+            return ""
 
     def _restore_config(self) -> None:
         while self._installed:
