@@ -16,7 +16,7 @@ if not config:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/training.smk"
 include: "workflow/rules/pairs.smk"
-include: "workflow/rules/llfc.smk"
+include: "workflow/rules/analyses.smk"
 include: "workflow/rules/layerwise.smk"
 include: "workflow/rules/figures.smk"
 

@@ -8,7 +8,12 @@ exactly the jobs whose values changed; scripts rebuild the dataclasses from thos
 
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
+import difflib
+import importlib.machinery
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +21,9 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+
+
+RESERVED_NAMES = ("tables", "figures", "logs", "benchmarks")  # folders beside the experiments'
 
 
 class ConfigError(ValueError):
@@ -37,7 +45,7 @@ def _with_defaults(validator_class):
 
 
 def _copy(value):
-    return yaml.safe_load(yaml.safe_dump(value))  # defaults must not be shared between experiments
+    return copy.deepcopy(value)  # defaults must not be shared between experiments
 
 
 def _dotted(path) -> str:
@@ -54,13 +62,74 @@ def validate(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
         hint = f" ({about.strip()})" if about else ""
         raise ConfigError(f"config key {_dotted(error.absolute_path)}: {error.message}{hint}")
     for name, exp in config["experiments"].items():
-        _check_experiment(name, exp)
+        if name in RESERVED_NAMES:
+            raise ConfigError(f"config key experiments.{name}: the name is taken by the output folder "
+                              f"{config['results']}/{name}/; rename the experiment")
+        _check_experiment(name, exp, _builtin_archs(schema))
     return config
 
 
-def _check_experiment(name: str, exp: dict) -> None:
+def _builtin_archs(schema: dict) -> list[str]:
+    """The built-in architectures: the ``const`` of every per-arch block of the schema."""
+    blocks = schema["$defs"]["experiment"]["properties"]["model"]["allOf"]
+    return [b["if"]["properties"]["arch"]["const"] for b in blocks
+            if "const" in b["if"]["properties"]["arch"]]
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=3)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _check_model(where: str, model: dict, builtins: list[str]) -> None:
+    """A built-in arch, an existing torchvision model or an importable python factory. The
+    python check reads the module's source (no import): the callable must be defined at its
+    top level."""
+    arch, key = model["arch"], f"config key {where}.model.arch"
+    kind, _, name = arch.partition(":")
+    if arch in builtins:
+        return
+    if kind == "torchvision" and name:
+        import torchvision.models as tvm
+
+        if name not in tvm.list_models():
+            raise ConfigError(f"{key}: torchvision has no model {name!r}"
+                              f"{_suggest(name, tvm.list_models())}")
+        return
+    if kind == "python" and name:
+        module, _, attr = name.partition(":")
+        folder = model.get("path")
+        found = importlib.machinery.PathFinder.find_spec(module, [folder] if folder else None)
+        found = found or importlib.util.find_spec(module) if not folder else found
+        if found is None or not found.origin or not found.origin.endswith(".py"):
+            raise ConfigError(f"{key}: python module {module!r} not found "
+                              + (f"in {folder}" if folder else "on the Python path")
+                              + "; set model.path to the directory that holds it")
+        tree = ast.parse(Path(found.origin).read_text())
+        names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        names += [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+                  if isinstance(t, ast.Name)]
+        if not attr or attr not in names:
+            raise ConfigError(f"{key}: {found.origin} defines no {attr!r} at its top level"
+                              f"{_suggest(attr, names)}")
+        return
+    raise ConfigError(f"{key}: {arch!r} is not one of the built-in models {sorted(builtins)}"
+                      f"{_suggest(arch, builtins)} (or torchvision:<name>, "
+                      "python:<module>:<callable>)")
+
+
+def _check_experiment(name: str, exp: dict, builtins: list[str] = ()) -> None:
     train = exp["train"]
     where = f"experiments.{name}"
+    _check_model(where, exp["model"], list(builtins))
+    if "runs" in exp:
+        trained = sorted(set(exp["methods"]) - {"naive", "weight_matching", "activation_matching"})
+        if trained:
+            raise ConfigError(f"config key {where}.methods: {trained} need runs the workflow trains; "
+                              "with runs: (your own checkpoints) use naive, weight_matching, "
+                              "activation_matching")
+        if exp["pairs"] != 1:
+            raise ConfigError(f"config key {where}.pairs: runs: names one pair, set pairs: 1")
     if "spawning" in exp["methods"] and not exp["spawn_epoch"] < train["epochs"]:
         raise ConfigError(
             f"config key {where}.spawn_epoch: {exp['spawn_epoch']} must be below "
@@ -111,6 +180,10 @@ class LmcSetting:
     points: int = 11
     bn: str = "reset"
     batch_size: int = 1000
+    policies: tuple[str, ...] = ("interpolate", "reset", "repair")
+
+    def __post_init__(self):
+        object.__setattr__(self, "policies", tuple(self.policies))
 
     @property
     def alphas(self) -> list[float]:
@@ -125,6 +198,20 @@ class LlfcSetting:
 
     def __post_init__(self):
         object.__setattr__(self, "alphas", tuple(self.alphas))
+
+
+def canonical(value):
+    """`value` with every mapping's keys sorted, recursively (lists keep their order).
+
+    Snakemake's params trigger compares params by their repr, and a dict's repr follows its key
+    order: without this, the same config with its keys in another order (a tool that sorts
+    them, a tidied file, defaults filled after the user's keys) would re-run every job.
+    """
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    return value
 
 
 def as_dict(setting) -> dict:

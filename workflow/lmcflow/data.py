@@ -41,6 +41,16 @@ class DatasetNotFoundError(FileNotFoundError):
         )
 
 
+def sample_order(n: int, seed: int) -> torch.Tensor:
+    """A seeded random order of n samples (``torch.randperm`` on a CPU generator).
+
+    Whatever reads training data in batches or takes a subset of it outside training (the
+    BatchNorm reset, activation matching) reads it in this order: stored datasets may be sorted
+    by class (mnist5k is), and a batch or a subset of one class is not a sample of the data.
+    """
+    return torch.randperm(int(n), generator=torch.Generator().manual_seed(int(seed)))
+
+
 @dataclass(frozen=True)
 class Data:
     """A dataset with both splits in memory.
@@ -174,16 +184,64 @@ def load_cifar10(data_dir=None, download: bool = False) -> Data:
     return Data("cifar10", train_x, train_y, test_x, test_y, CIFAR10_MEAN, CIFAR10_STD, num_classes=10)
 
 
+def load_imagefolder(data_dir=None, download: bool = False, image_size=(32, 32),
+                     channels: int = 3) -> Data:
+    """Images in class folders: ``<data_dir>/train/<class>/*`` and ``<data_dir>/test/<class>/*``
+    (any format PIL reads; torchvision's ImageFolder), resized to ``image_size`` (H, W), RGB or
+    grayscale (``channels`` 3 or 1), held in memory as uint8. Classes are the folder names in
+    sorted order and must be the same in both splits; mean and std per channel come from the
+    training images. ``download`` does not apply.
+    """
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    root = Path(DEFAULT_DATA_DIR if data_dir is None else data_dir)
+    steps = [transforms.Resize(tuple(image_size))]
+    if channels == 1:
+        steps.append(transforms.Grayscale(1))
+    to_tensor = transforms.Compose([*steps, transforms.PILToTensor()])
+    splits = {}
+    for split in SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            raise DatasetNotFoundError(folder, root)
+        images = ImageFolder(str(folder), transform=to_tensor,
+                             loader=lambda p: _open_image(p, channels))
+        splits[split] = images
+    if splits["train"].classes != splits["test"].classes:
+        raise ValueError(f"{root}: the train and test folders hold different classes: "
+                         f"{splits['train'].classes} vs {splits['test'].classes}")
+    (train_x, train_y), (test_x, test_y) = [
+        (torch.stack([x for x, _ in splits[s]]), torch.tensor(splits[s].targets, dtype=torch.int64))
+        for s in SPLITS]
+    pixels = train_x.double().div(255).transpose(0, 1).reshape(train_x.shape[1], -1)
+    mean, std = tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).clamp_min(1e-6).tolist())
+    return Data("imagefolder", train_x, train_y, test_x, test_y, mean, std,
+                num_classes=len(splits["train"].classes))
+
+
+def _open_image(path, channels: int):
+    from PIL import Image
+
+    with open(path, "rb") as fh:
+        return Image.open(fh).convert("L" if channels == 1 else "RGB")
+
+
 DATASETS: dict[str, Callable[..., Data]] = {
     "mnist5k": load_mnist5k,
     "mnist": load_mnist,
     "fashion_mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
+    "imagefolder": load_imagefolder,
 }
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> Data:
-    """Load a registered dataset by name; see :data:`DATASETS` for the choices."""
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
+                 **options) -> Data:
+    """Load a registered dataset by name; see :data:`DATASETS` for the choices. ``options``
+    (``image_size``, ``channels``) are the imagefolder's."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return DATASETS[name](data_dir=data_dir, download=download)
+    if options and name != "imagefolder":
+        raise ValueError(f"dataset {name!r} takes no options {sorted(options)}")
+    return DATASETS[name](data_dir=data_dir, download=download, **options)

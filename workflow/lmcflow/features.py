@@ -46,11 +46,12 @@ def capture(model: nn.Module, layers: list[str], inputs: bool = False):
     store: dict[str, torch.Tensor] = {}
 
     def hook(name):
+        # copies: a later in-place op (a ReLU with inplace=True) must not change what was read
         def output_hook(_module, _inputs, output):
-            store[name] = output.detach().flatten(1)
+            store[name] = output.detach().flatten(1).clone()
 
         def input_hook(_module, args):
-            store[name] = args[0].detach()
+            store[name] = args[0].detach().clone()
 
         return input_hook if inputs else output_hook
 

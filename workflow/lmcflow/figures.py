@@ -2,9 +2,18 @@
 
 Every function takes ``(table, out_pdf)``, writes ``out_pdf`` and a PNG beside it (same stem,
 for quick viewing), creates parent directories, never mutates its input, and closes its
-figure. NaN values are dropped before aggregating; a figure with nothing left to plot raises
+figures. NaN values are dropped before aggregating; a figure with nothing left to plot raises
 ValueError. The seaborn style is set once at import so all figures look alike. ``FIGURES``
 maps the figure id used by the workflow to its function (DESIGN §4).
+
+Layout (read on a laptop screen): a figure is a grid of fixed-size panels (facets, e.g.
+experiment × method), wrapped a few to a row, each experiment starting a new row, so the page
+size follows from the number of facets and never from the data's length (layers, epochs,
+steps). Pages are at most PAGE_WIDTH × PAGE_HEIGHT inches; when all experiments do not fit on
+one page, each experiment gets its own page of a multi-page PDF, and the PNG shows the pages
+stacked. The panels of one experiment share their y axis (they are compared). Values spanning
+more than two decades get a symlog axis — linear below a threshold named in the axis label, so
+exact zeros show as 0 instead of being clipped. Fonts are at least 8 pt at the final size.
 
 Convention: θ_α = α·θ_A + (1−α)·θ_B, so α = 1 is model A. Methods are shown in the order
 naive, spawning, weight_matching, activation_matching (others after, sorted), each with the
@@ -12,37 +21,56 @@ same colour in every figure; layers in the order of ``layer_index``.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # headless: figures are built on cluster nodes / CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
-from .metrics import barriers  # noqa: E402
+from .barriers import alignment_table, barriers  # noqa: E402
 
 __all__ = ["fig_lmc", "fig_alignment", "fig_llfc", "fig_coef", "fig_weak_additivity",
            "fig_commutativity", "fig_layer_barriers", "fig_cumulative", "fig_robustness",
-           "fig_subspace", "fig_linear_toy", "alignment_table", "FIGURES"]
+           "fig_subspace", "fig_linear_toy", "fig_stitching", "alignment_table", "FIGURES"]
 
-sns.set_theme(context="paper", style="whitegrid", font_scale=1.3)
+# paper context at scale 1: labels and titles 9.6 pt, ticks and legends 8.8 pt
+sns.set_theme(context="paper", style="whitegrid", font_scale=1.0)
+
+PAGE_WIDTH = 7.8  # inches: a laptop screen or a letter page (8.5 in is the hard limit)
+PAGE_HEIGHT = 11.0
+PANEL = (PAGE_WIDTH / 2, 3.0)  # one panel with its title and tick labels: two to a row
+HEADER = 0.9  # inches kept free above the panels for the legend when planning pages
+MIN_FONT = 8.0  # smallest font (tick labels of many layers, value labels)
+TICK_PITCH = 0.15  # inches per 8-pt tick label so that neighbours do not overlap
+PNG_DPI = 120
+NUMERICAL_ZERO = 1e-6  # a value this small relative to the largest one in a panel is a zero
 
 ALPHA_LABEL = "α (0 = model B, 1 = model A)"
-LOG_FLOOR = 1e-6  # 1 - cos and distances can be exactly 0 or slightly negative by rounding
 METHOD_ORDER = ("naive", "spawning", "weight_matching", "activation_matching")
 ALL_LAYERS = "(all)"  # layer name of the full-model rows in the layer-wise tables
-BN_LABELS = {"none": "no BatchNorm", "reset": "BN statistics reset",
+BN_LABELS = {"none": "plain (no BatchNorm)", "reset": "BN statistics reset",
+             "repair": "REPAIR (units rescaled)",
              "interpolate": "BN statistics interpolated"}
 INTO_LABELS = {"a": "layer interpolated into A", "b": "layer interpolated into B",
                "both": "all layers interpolated"}
 ORDER_LABELS = {"shallow": "shallow-first", "deep": "deep-first"}
-TOY_LABELS = {"full": "full (w1 and w2)", "layer1": "layer 1 only (w1)",
+ORDER_AXIS = {"shallow": "input → output", "deep": "output → input"}
+TOY_LABELS = {"full": "full path (w1 and w2)", "layer1": "layer 1 only (w1)",
               "layer2": "layer 2 only (w2)"}
+SUBSPACE_LABELS = {"interpolation": "interpolation line (away from the other net)",
+                   "subspace": "random, inside the training subspace",
+                   "orthogonal": "random, orthogonal to the subspace"}
 DIST_LABEL = "dist(x, y) = ‖x − y‖² / (‖x‖‖y‖)"
 DIST_SIGMA_LABEL = "Dist_σ = ‖σ(αH̃_A+(1−α)H̃_B) − (ασ(H̃_A)+(1−α)σ(H̃_B))‖² / (‖·‖‖·‖)"
 SHUFFLED = "shuffled samples (baseline)"
@@ -50,17 +78,7 @@ COMMUTATIVITY = {"dist_com": "Dist_com (commutativity)", "dist_w": "Dist_W = dis
                  "dist_h": "Dist_H = dist(H_A, H_B)"}
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _save(fig: plt.Figure, out_pdf: str | Path) -> None:
-    """Write the PDF and a PNG with the same stem (each atomically), then free the figure."""
-    out_pdf = Path(out_pdf)
-    for path, options in ((out_pdf, {"format": "pdf"}),
-                          (out_pdf.with_suffix(".png"), {"format": "png", "dpi": 120})):
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, bbox_inches="tight", **options)
-    plt.close(fig)
+# --------------------------------------------------------------------------- helpers: data
 
 
 def _ordered(values: Iterable, first: Sequence = ()) -> list:
@@ -106,32 +124,13 @@ def _layer_order(df: pd.DataFrame) -> list[str]:
     return first["layer"].tolist()
 
 
-def _panel_width(df: pd.DataFrame, n_hue: int, minimum: float = 4.5) -> float:
-    """Panel width (inches) for grouped bars: room for every layer's ``n_hue`` bars."""
-    n_layers = df.groupby("experiment")["layer"].nunique().max()
-    return max(minimum, n_layers * (0.3 + 0.15 * max(n_hue, 1)) + 1.5)
+def _mean_sd(df: pd.DataFrame, keys: Sequence[str], value: str) -> pd.DataFrame:
+    """Tidy summary: ``keys`` columns plus ``mean`` and ``sd`` of ``value`` (sd NaN for one row).
 
-
-def _rotate_x(ax: plt.Axes, rotation: float = 45) -> None:
-    """Rotate x tick labels (layer or method names) so long names do not overlap."""
-    plt.setp(ax.get_xticklabels(), rotation=rotation, ha="right", rotation_mode="anchor")
-
-
-def _spans_decades(values: Iterable[float], decades: float = 2.0) -> bool:
-    """Whether the positive ``values`` span more than ``decades`` orders of magnitude."""
-    v = pd.Series(list(values), dtype=float)
-    pos = v[v > 0]
-    return len(pos) > 0 and pos.max() / max(pos.min(), LOG_FLOOR) > 10.0 ** decades
-
-
-def _log_y(df: pd.DataFrame, y: str, force: bool = False) -> tuple[pd.DataFrame, bool]:
-    """(copy of ``df`` with ``y`` clipped at LOG_FLOOR, True) if a log y axis is wanted.
-
-    Log is used when forced or when the values span more than two decades.
+    Figures draw these directly (not via seaborn's estimators), which keeps large tables fast.
     """
-    if not (force or _spans_decades(df[y])):
-        return df, False
-    return df.assign(**{y: df[y].clip(lower=LOG_FLOOR)}), True
+    return (df.dropna(subset=[value]).groupby(list(keys), sort=False)[value]
+            .agg(mean="mean", sd="std").reset_index())
 
 
 def _test_rows(table: pd.DataFrame, value: str, name: str) -> pd.DataFrame:
@@ -143,105 +142,16 @@ def _test_rows(table: pd.DataFrame, value: str, name: str) -> pd.DataFrame:
     return df
 
 
-def _panels(df: pd.DataFrame, cols: str | None = None, col_order: Sequence | None = None, *,
-            width: float = 4.5, height: float = 3.6, sharey: bool = False):
-    """Grid with one row of panels per experiment and one column per value of ``cols``.
-
-    Returns ``(fig, panels)`` with ``panels`` a list of ``(ax, experiment, key, rows)`` for
-    the non-empty panels (``key`` is None without ``cols``); empty panels say "no data".
-    Titles are "experiment · key". Methods in ``cols`` are put in the paper's order. With
-    ``sharey`` the panels of a row share their y axis (only the first one keeps its label).
-    """
-    experiments = _ordered(df["experiment"])
-    if cols is None:
-        keys = [None]
-    else:
-        keys = list(col_order) if col_order is not None else (
-            _methods(df[cols]) if cols == "method" else _ordered(df[cols]))
-    fig, axes = plt.subplots(len(experiments), len(keys), squeeze=False,
-                             sharey="row" if sharey else False,
-                             figsize=(width * len(keys), height * len(experiments)))
-    panels = []
-    for row, exp in zip(axes, experiments):
-        for ax, key in zip(row, keys):
-            sub = df[df["experiment"] == exp]
-            if cols is not None:
-                sub = sub[sub[cols] == key]
-            ax.set_title(exp if key is None else f"{exp} · {key}")
-            if sub.empty:
-                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-                ax.set_axis_off()
-                continue
-            panels.append((ax, exp, key, sub))
-    return fig, panels
-
-
-def _outer_ylabels(fig: plt.Figure) -> None:
-    """Keep the y label only on the first panel of each row (for rows sharing y)."""
-    for ax in fig.axes:
-        if not ax.get_subplotspec().is_first_col():
-            ax.set_ylabel("")
-
-
-def _bars(ax: plt.Axes, data: pd.DataFrame, x: str, y: str, hue: str, order: Sequence,
-          hue_order: Sequence, palette: dict, log: bool = False) -> None:
-    """Grouped bars: mean of ``y`` per (x, hue), error bars = sd over the rest.
-
-    Only the hue levels present in ``data`` take a slot, so the bars stay centred; colours
-    come from ``palette`` (a dict), hence agree across panels.
-    """
-    present = set(data[hue])
-    sns.barplot(data=data, x=x, y=y, hue=hue, order=order,
-                hue_order=[h for h in hue_order if h in present], palette=palette,
-                errorbar="sd", capsize=0.1, err_kws={"linewidth": 0.8}, ax=ax)
-    if log:
-        ax.set_yscale("log", nonpositive="clip")
-
-
-def _layer_bars(ax: plt.Axes, data: pd.DataFrame, y: str, hue: str, hue_order: Sequence,
-                palette: dict, ylabel: str, xlabel: str = "layer", log: bool = False) -> None:
-    """Bars per layer (x, by layer_index, names rotated) and hue level."""
-    _bars(ax, data, "layer", y, hue, _layer_order(data), hue_order, palette, log)
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    _rotate_x(ax)
-
-
-def _reference_line(ax: plt.Axes, y: float, label: str | None = None) -> None:
-    """Dashed black line at ``y`` named ``label`` in the legend; a thin solid one without."""
-    if pd.notna(y):
-        ax.axhline(y, color="k", linestyle="--" if label else "-",
-                   linewidth=1.2 if label else 0.8, label=label)
-
-
-def _finish(fig: plt.Figure, out_pdf: str | Path, order: Sequence[str] = (),
-            title: str | None = None, ncol: int = 6, skip: Sequence[str] = ()) -> None:
-    """One legend above the panels (entries of all axes, deduplicated), layout, save.
-
-    Entries named in ``order`` come first, in that order; those in ``skip`` (e.g. seaborn's
-    subtitle entries) are left out.
-    """
-    entries: dict[str, object] = {}
-    for ax in fig.axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            if not label.startswith("_") and label not in skip:
-                entries.setdefault(label, handle)
-        if ax.get_legend() is not None:
-            ax.get_legend().remove()
-    labels = [lab for lab in order if lab in entries] + [lab for lab in entries if lab not in order]
-    fig.tight_layout()
-    if labels:
-        fig.legend([entries[lab] for lab in labels], labels, loc="lower center", title=title,
-                   bbox_to_anchor=(0.5, 1.0), ncol=min(ncol, len(labels)), frameon=False)
-    _save(fig, out_pdf)
-
-
 def _one_bn_mode(df: pd.DataFrame) -> pd.DataFrame:
     """Keep a single BatchNorm mode per experiment if the table holds several.
 
-    Per experiment: use ``"reset"`` (BN statistics re-estimated after interpolation, the
-    meaningful curve) when present, else its only (or first) value, e.g. ``"none"`` for
-    models without BatchNorm.
+    The rows of the configured policy (column ``configured``, written by the lmc job) where
+    the table says; otherwise, per experiment, ``"reset"`` (BN statistics re-estimated after
+    interpolation, the meaningful curve) when present, else its only (or first) value, e.g.
+    ``"none"`` for models without BatchNorm.
     """
+    if "configured" in df.columns:
+        return df[df["configured"].astype(bool)]
     if "bn" not in df.columns:
         return df
     parts = []
@@ -251,6 +161,335 @@ def _one_bn_mode(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts)
 
 
+# --------------------------------------------------------------------------- helpers: pages
+
+
+@dataclass(eq=False)
+class _Facet:
+    """One panel: its experiment, key (method, quantity, …; None for one per experiment),
+    title and rows."""
+
+    experiment: str
+    key: object
+    title: str
+    rows: pd.DataFrame
+
+
+@dataclass(eq=False)
+class _Page:
+    """One page: its figure, the ``(axes, facet)`` panels on it and the inches they take
+    (without the legend above them, which `_finish` adds)."""
+
+    fig: plt.Figure
+    panels: list
+    height: float
+
+
+def _facets(df: pd.DataFrame, col: str | None = None, col_order: Sequence | None = None,
+            title: Callable[[str, object], str] | None = None) -> list[_Facet]:
+    """The non-empty panels: per experiment (sorted), one per value of ``col``.
+
+    Values come in ``col_order`` if given, methods in the paper's order, others sorted. Titles
+    are "experiment · value" unless ``title(experiment, value)`` says otherwise.
+    """
+    title = title or (lambda exp, key: exp if key is None else f"{exp} · {key}")
+    facets = []
+    for exp in _ordered(df["experiment"]):
+        sub = df[df["experiment"] == exp]
+        if col is None:
+            facets.append(_Facet(exp, None, title(exp, None), sub))
+            continue
+        keys = list(col_order) if col_order is not None else (
+            _methods(sub[col]) if col == "method" else _ordered(sub[col]))
+        facets += [_Facet(exp, key, title(exp, key), sub[sub[col] == key]) for key in keys
+                   if (sub[col] == key).any()]
+    return facets
+
+
+def _layout(facets: Sequence[_Facet], ncols: int = 2, panel: tuple[float, float] = PANEL,
+            extra: float = 0.0) -> list[_Page]:
+    """Pages of fixed-size panels, ``ncols`` to a row, each experiment a block of whole rows.
+
+    A block is a subfigure (so it can hold its own legend or colour bar); ``extra`` inches are
+    added below each block for those. All blocks go on one page if they fit in PAGE_HEIGHT
+    (less HEADER for the legend), else every experiment gets its own page(s) — a block taller
+    than a page is split. The page is as wide as its longest row, so never wider than
+    ``ncols`` panels.
+    """
+    blocks = []
+    for exp in dict.fromkeys(f.experiment for f in facets):
+        mine = [f for f in facets if f.experiment == exp]
+        blocks.append([mine[i:i + ncols] for i in range(0, len(mine), ncols)])
+    room = PAGE_HEIGHT - HEADER
+    if sum(len(b) * panel[1] + extra for b in blocks) <= room:
+        plans = [blocks]
+    else:
+        per_page = max(1, int((room - extra) // panel[1]))
+        plans = [[b[i:i + per_page]] for b in blocks for i in range(0, len(b), per_page)]
+    pages = []
+    for plan in plans:
+        cols = min(ncols, max(len(row) for block in plan for row in block))
+        heights = [len(block) * panel[1] + extra for block in plan]
+        fig = plt.figure(figsize=(cols * panel[0], sum(heights)), layout="constrained")
+        subs = fig.subfigures(len(plan), 1, height_ratios=heights, squeeze=False)[:, 0]
+        panels = []
+        for sub, block in zip(subs, plan):
+            grid = sub.add_gridspec(len(block), cols)
+            for i, row in enumerate(block):
+                for j, facet in enumerate(row):
+                    ax = sub.add_subplot(grid[i, j])
+                    ax.set_title(facet.title)
+                    panels.append((ax, facet))
+        pages.append(_Page(fig, panels, sum(heights)))
+    return pages
+
+
+def _panels(pages: Sequence[_Page]) -> list[tuple[plt.Axes, _Facet]]:
+    """All ``(axes, facet)`` panels of all pages."""
+    return [p for page in pages for p in page.panels]
+
+
+def _ordinal(k: int) -> str:
+    return f"{k}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(k if k < 20 else k % 10, 'th')}"
+
+
+def _category_axis(ax: plt.Axes, names: Sequence[str], length: float, label: str,
+                   axis: str = "x") -> None:
+    """Names (layers, steps) at positions 0..n−1 along ``axis``, fitted to ``length`` inches.
+
+    Many names keep the panel size: x labels are turned 90° and set in MIN_FONT, and when
+    even so they would overlap only every k-th is written (said in the axis label; the others
+    keep a minor tick).
+    """
+    n = len(names)
+    k = max(1, math.ceil(n / max(2, int(length / TICK_PITCH))))
+    many = n > 6 or max((len(str(s)) for s in names), default=0) > 12
+    ticks = np.arange(0, n, k)
+    font = {"fontsize": MIN_FONT} if many else {}
+    if axis == "x":
+        ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90 if many else 45,
+                      ha="center" if many else "right",
+                      rotation_mode="default" if many else "anchor", **font)
+        ax.set_xticks(np.arange(n), minor=True)
+        ax.set_xlim(-0.5, n - 0.5)
+    else:  # heatmap rows: the first name on top
+        ax.set_yticks(ticks, [names[i] for i in ticks], **font)
+        ax.set_yticks(np.arange(n), minor=True)
+        ax.set_ylim(n - 0.5, -0.5)
+    if k > 1:  # on a line of its own: beside the label it would outgrow a narrow panel
+        label = f"{label}\n(every {_ordinal(k)} named)"
+    (ax.set_xlabel if axis == "x" else ax.set_ylabel)(label)
+
+
+def _power_of_ten(x: float) -> str:
+    return f"$10^{{{int(round(np.log10(x)))}}}$"
+
+
+def _log_scale(values: Iterable[float], decades: float = 2.0) -> dict | None:
+    """y-scale settings for values spanning more than ``decades`` orders of magnitude, else
+    None (a linear axis suits them).
+
+    All values positive: a log axis. Some zero (or negative): symlog, linear below the
+    power of ten at or below the smallest other positive value, so that value lies on the
+    log part and the zeros show at 0 instead of being clipped. Values below NUMERICAL_ZERO ×
+    the largest are rounding noise (1 − cos of identical features is ~1e-14, not 0) and
+    count as zeros.
+    """
+    v = pd.Series(list(values), dtype=float)
+    v = v[np.isfinite(v)]
+    pos = v[v > 0]
+    pos = pos[pos > pos.max() * NUMERICAL_ZERO] if len(pos) else pos
+    if pos.empty or pos.max() / pos.min() <= 10.0 ** decades:
+        return None
+    if len(pos) == len(v):
+        return {"value": "log"}
+    return {"value": "symlog", "linthresh": 10.0 ** np.floor(np.log10(pos.min())),
+            "linscale": 0.6}
+
+
+def _shared_y(panels: Sequence[tuple[plt.Axes, _Facet]], ylabel: str,
+              value: str | None = None, decades: float = 2.0, by: str = "experiment") -> None:
+    """Per experiment (or other facet attribute ``by``), one y range and scale for all its
+    panels, so they can be compared — across pages too.
+
+    With ``value`` (a column of the facets' rows, e.g. the plotted means): if the group's values
+    span more than ``decades`` decades the axis is log, or symlog where there are zeros (see
+    `_log_scale`; its threshold is stated in the label). The y label is written on the first
+    panel of a row only.
+    """
+    groups: dict[object, list[tuple[plt.Axes, _Facet]]] = {}
+    for ax, facet in panels:
+        groups.setdefault(getattr(facet, by), []).append((ax, facet))
+    for members in groups.values():
+        axes = [ax for ax, _ in members]
+        scale = None if value is None else _log_scale(
+            pd.concat([f.rows[value] for _, f in members]), decades)
+        label = ylabel
+        if scale is not None:
+            for ax in axes:
+                ax.set_yscale(**scale)
+                ax.relim()
+                ax.autoscale_view()
+            label = f"{ylabel}\n" + ("(log scale)" if scale["value"] == "log" else
+                                     f"(symlog: linear below {_power_of_ten(scale['linthresh'])})")
+        lo = min(ax.get_ylim()[0] for ax in axes)
+        hi = max(ax.get_ylim()[1] for ax in axes)
+        for ax in axes:
+            ax.set_ylim(lo, hi)
+            ax.set_ylabel(label if ax.get_subplotspec().is_first_col() or by != "experiment"
+                          else "")
+            if scale is not None and scale["value"] == "log" and hi / lo < 1e3:
+                # a short log axis would have one or two labelled ticks: label 1, 2, 5 × 10^k
+                ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
+                    lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _profile(ax: plt.Axes, summary: pd.DataFrame, x: str, hue: str, hue_order: Sequence,
+             palette: dict, x_order: Sequence | None = None, nonneg: bool = False,
+             styles: dict | None = None) -> None:
+    """One line per ``hue`` level: ``mean`` against ``x`` with markers, ±1 sd as a band.
+
+    ``x_order`` puts categorical x values (layers, steps) at positions 0..n−1; without it x is
+    numeric. Lines rather than grouped bars, so that dozens of layers still fit a panel.
+    ``nonneg`` stops the band at 0 for quantities that cannot be negative.
+    """
+    where = None if x_order is None else {v: i for i, v in enumerate(x_order)}
+    for level in hue_order:
+        s = summary[summary[hue] == level]
+        if s.empty:
+            continue
+        xs = s[x].map(where) if where is not None else s[x]
+        s = s.assign(_x=xs.astype(float)).sort_values("_x")
+        xs, mean, sd = (s[c].to_numpy(dtype=float) for c in ("_x", "mean", "sd"))
+        ax.plot(xs, mean, marker="o", markersize=3.5, linewidth=1.3, color=palette[level],
+                label=level, **(styles or {}).get(level, {}))
+        if np.isfinite(sd).any():
+            low = np.maximum(mean - sd, 0.0) if nonneg else mean - sd
+            ax.fill_between(xs, low, mean + sd, color=palette[level], alpha=0.15, linewidth=0)
+
+
+def _grouped_bars(ax: plt.Axes, summary: pd.DataFrame, x: str, hue: str, x_order: Sequence,
+                  hue_order: Sequence, palette: dict, fmt: str) -> None:
+    """Bars of ``mean`` per x and hue level (sd error bars), each labelled with its value.
+
+    The labels make a zero bar read "0.0" rather than look missing. Only hue levels present
+    take a slot, so the bars stay centred.
+    """
+    present = [h for h in hue_order if (summary[hue] == h).any()]
+    width = 0.8 / max(len(present), 1)
+    lowest = 0.0
+    for i, level in enumerate(present):
+        s = summary[summary[hue] == level].set_index(x).reindex(x_order)
+        ok = s["mean"].notna().to_numpy()
+        pos = (np.arange(len(x_order)) + (i - (len(present) - 1) / 2) * width)[ok]
+        mean, sd = s["mean"].to_numpy(dtype=float)[ok], s["sd"].to_numpy(dtype=float)[ok]
+        has_sd = np.isfinite(sd).any()
+        ax.bar(pos, mean, width, color=palette[level], label=level,
+               yerr=np.nan_to_num(sd) if has_sd else None, capsize=2 if has_sd else 0,
+               error_kw={"linewidth": 0.8})
+        for p, m, e in zip(pos, mean, np.nan_to_num(sd)):
+            up = m >= 0
+            lowest = min(lowest, m - e)
+            ax.annotate(fmt.format(m), (p, m + (e if up else -e)), xytext=(0, 2 if up else -2),
+                        textcoords="offset points", ha="center", va="bottom" if up else "top",
+                        rotation=90, fontsize=MIN_FONT)
+    ax.set_xticks(np.arange(len(x_order)), x_order)
+    ax.set_xlim(-0.5, len(x_order) - 0.5)
+    ax.margins(y=0.3)  # room for the value labels
+    if lowest >= 0:  # nothing below 0: the bars stand on the bottom edge
+        ax.set_ylim(bottom=0.0)
+
+
+def _reference_line(ax: plt.Axes, y: float, label: str | None = None) -> None:
+    """Dashed black line at ``y`` named ``label`` in the legend; a thin solid one without."""
+    if pd.notna(y):
+        ax.axhline(y, color="k", linestyle="--" if label else "-",
+                   linewidth=1.2 if label else 0.8, label=label, zorder=1)
+
+
+def _legend_columns(labels: Sequence[str], width: float) -> int:
+    """Legend columns that fit ``width`` inches (8.8-pt text is about 0.065 in a character)."""
+    entry = 0.55 + 0.065 * max(len(lab) for lab in labels)
+    return max(1, min(len(labels), int(width // entry)))
+
+
+def _finish(pages: Sequence[_Page], out_pdf: str | Path, order: Sequence[str] = (),
+            title: str | None = None, skip: Sequence[str] = ()) -> None:
+    """Per page one legend above the panels (entries of its axes, deduplicated), then save.
+
+    Entries named in ``order`` come first, in that order; those in ``skip`` are left out. The
+    page grows by the legend's height (it stays within PAGE_HEIGHT).
+    """
+    for page in pages:
+        entries: dict[str, object] = {}
+        for ax, _ in page.panels:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                if not label.startswith("_") and label not in skip:
+                    entries.setdefault(label, handle)
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
+        labels = ([lab for lab in order if lab in entries]
+                  + [lab for lab in entries if lab not in order])
+        header = 0.0
+        if labels:
+            width = page.fig.get_figwidth()
+            ncol = _legend_columns(labels, width)
+            page.fig.legend([entries[lab] for lab in labels], labels, loc="outside upper center",
+                            ncol=ncol, title=title, frameon=False)
+            header = 0.15 + 0.19 * math.ceil(len(labels) / ncol) + (0.22 if title else 0.0)
+        page.fig.set_size_inches(page.fig.get_figwidth(),
+                                 min(PAGE_HEIGHT, page.height + header))
+    _save([page.fig for page in pages], out_pdf)
+
+
+def _save(figs: plt.Figure | Sequence[plt.Figure], out_pdf: str | Path) -> None:
+    """Write the pages to one PDF and, stacked top to bottom, to a PNG with the same stem
+    (each file atomically); then free the figures.
+
+    Pages are saved at their own size (no tight bounding box), so the page size is the
+    figure size that the layout chose.
+    """
+    figs = [figs] if isinstance(figs, plt.Figure) else list(figs)
+    out_pdf = Path(out_pdf)
+    try:
+        with atomic_path(out_pdf) as tmp:
+            with PdfPages(tmp, metadata={"CreationDate": None}) as pdf:
+                for fig in figs:
+                    pdf.savefig(fig)
+        images = []
+        for fig in figs:
+            # the layout computed for the PDF holds at any dpi; not redoing it saves a third
+            fig.set_layout_engine("none")
+            buffer = BytesIO()
+            fig.savefig(buffer, format="png", dpi=PNG_DPI)
+            buffer.seek(0)
+            images.append(plt.imread(buffer, format="png"))
+        width = max(im.shape[1] for im in images)
+        gap = np.ones((12, width, 4), dtype=np.float32)
+        gap[5:7, :, :3] = 0.6  # a grey rule between pages
+        stacked = []
+        for im in images:
+            stacked += [np.pad(im, ((0, 0), (0, width - im.shape[1]), (0, 0)),
+                               constant_values=1.0), gap]
+        with atomic_path(out_pdf.with_suffix(".png")) as tmp:
+            plt.imsave(tmp, np.concatenate(stacked[:-1]), format="png")
+    finally:
+        for fig in figs:
+            plt.close(fig)
+
+
+def _rotate_x(ax: plt.Axes, rotation: float = 30) -> None:
+    """Turn x tick labels (method names) so that long names do not overlap."""
+    plt.setp(ax.get_xticklabels(), rotation=rotation, ha="right", rotation_mode="anchor")
+
+
+def _layers_of(summary: pd.DataFrame) -> dict[str, list[str]]:
+    """Layer order per experiment, so that every panel of an experiment has the same x axis."""
+    return {exp: _layer_order(g) for exp, g in summary.groupby("experiment", sort=False)}
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -258,112 +497,126 @@ def fig_lmc(lmc: pd.DataFrame, out_pdf: str | Path) -> None:
     """Figure 1: test error (%) and test loss along the linear path θ_α, per experiment.
 
     ``lmc`` columns: experiment, method, pair, alpha, split, loss, error (error as a
-    fraction; maybe ``bn``). One row of panels per experiment, one line per method
-    (mean over pairs, ±1 sd band when there are several pairs). The legend gives each
-    method's barrier (mean over pairs) as "error in pp / loss".
+    fraction; maybe ``bn`` and ``configured``: the curves of the experiment's configured
+    normalisation policy are drawn solid, see `_one_bn_mode`, and REPAIR's, where it is not
+    the configured one, dashed beside them). One row per experiment: an error panel and a loss
+    panel, one line per method (mean over pairs, ±1 sd band when there are several pairs);
+    each panel has its own y range (the experiments are different models). Each row's legend,
+    below it, gives each method's barrier (mean over pairs) as "error in pp / loss".
     """
-    df = _one_bn_mode(lmc)
-    df = df[df["split"] == "test"].copy()
+    test = lmc[lmc["split"] == "test"]
+    df = _one_bn_mode(test).copy()
     if df.empty:
         raise ValueError("fig_lmc: no rows with split == 'test'")
-    df["error_pct"] = df["error"] * 100.0
-    bar = barriers(df.drop(columns=["error_pct"]))
+    repair = test[(test["bn"] == "repair") & ~test.index.isin(df.index)] if "bn" in test else test[:0]
+    bar = barriers(df.drop(columns=[c for c in ("configured",) if c in df]))
     bar = bar.groupby(["experiment", "method"])[["loss_barrier", "error_barrier"]].mean()
-
-    experiments = sorted(df["experiment"].unique())
     methods = _methods(df["method"])
     palette = _method_palette(methods)
-    fig, axes = plt.subplots(len(experiments), 2, figsize=(11, 3.6 * len(experiments)),
-                             squeeze=False)
-    for row, exp in zip(axes, experiments):
-        sub = df[df["experiment"] == exp]
-        for ax, y, ylabel in ((row[0], "error_pct", "test error (%)"),
-                              (row[1], "loss", "test loss")):
-            sns.lineplot(data=sub, x="alpha", y=y, hue="method", hue_order=methods,
-                         palette=palette, errorbar="sd", marker="o", markersize=4, ax=ax)
-            ax.set(xlabel=ALPHA_LABEL, ylabel=ylabel, title=exp, xlim=(0, 1))
-            ax.get_legend().remove()
-        handles = [plt.Line2D([], [], color=palette[m], marker="o") for m in methods
-                   if (exp, m) in bar.index]
-        labels = [f"{m} (barrier {bar.loc[(exp, m), 'error_barrier'] * 100:.1f} pp"
-                  f" / {bar.loc[(exp, m), 'loss_barrier']:.2f})"
-                  for m in methods if (exp, m) in bar.index]
-        row[1].legend(handles, labels, title="method", loc="upper left",
-                      bbox_to_anchor=(1.02, 1.0), frameon=False)
-    fig.tight_layout()
-    _save(fig, out_pdf)
+    quantities = {"error": ("test error (%)", 100.0), "loss": ("test loss", 1.0)}
+    REPAIRED = " (REPAIR)"
+    long = pd.concat([part.assign(quantity=q, value=part[c] * scale, line=part["method"] + tag)
+                      for part, tag in ((df, ""), (repair, REPAIRED))
+                      for c, (q, scale) in quantities.items()])
+    summary = _mean_sd(long, ["experiment", "quantity", "line", "alpha"], "value")
+    lines = [m + tag for tag in ("", REPAIRED) for m in methods]
+    colours = {m + tag: palette[m] for m in methods for tag in ("", REPAIRED)}
+    styles = {m + REPAIRED: {"linestyle": "--", "alpha": 0.8} for m in methods}
+    bn = df.groupby("experiment")["bn"].first() if "bn" in df.columns else pd.Series()
 
+    def title(exp: str, quantity: str) -> str:
+        mode = bn.get(exp, "none")
+        return f"{exp} · {quantity}" + ("" if mode == "none" else f"\n{BN_LABELS.get(mode, mode)}")
 
-def alignment_table(lmc: pd.DataFrame) -> pd.DataFrame:
-    """Loss and error barriers per curve of the LMC table (results/tables/alignment.parquet).
-
-    Columns: experiment, method, pair, bn, split, (other id columns), loss_barrier,
-    error_barrier — one row per (experiment, method, pair, bn, split), both splits, values
-    from `metrics.barriers`. A table without a ``bn`` column gets ``bn = "none"``.
-    """
-    df = lmc if "bn" in lmc.columns else lmc.assign(bn="none")
-    bar = barriers(df)
-    ids = ["experiment", "method", "pair", "bn", "split"]
-    return bar[[c for c in ids if c in bar.columns] + [c for c in bar.columns if c not in ids]]
+    names = [q for q, _ in quantities.values()]
+    pages = _layout(_facets(summary, "quantity", names, title), extra=0.8)
+    first: dict[str, plt.Axes] = {}
+    for ax, facet in _panels(pages):
+        _profile(ax, facet.rows, "alpha", "line", lines, colours, styles=styles)
+        ax.set(xlabel=ALPHA_LABEL, xlim=(0, 1))
+        first.setdefault(facet.experiment, ax)
+        _shared_y([(ax, facet)], facet.key, by="title")  # its own range: one panel per model
+    for exp, ax in first.items():  # a legend per experiment: the barriers differ
+        present = [m for m in methods if (exp, m) in bar.index]
+        labels = [f"{m} ({bar.loc[(exp, m), 'error_barrier'] * 100:.1f} pp"
+                  f" / {bar.loc[(exp, m), 'loss_barrier']:.2f})" for m in present]
+        handles = [plt.Line2D([], [], color=palette[m], marker="o", markersize=3.5)
+                   for m in present]
+        if (repair["experiment"] == exp).any():
+            labels.append("dashed: the same with REPAIR")
+            handles.append(plt.Line2D([], [], color="0.4", linestyle="--"))
+        ax.figure.legend(handles, labels, loc="outside lower center", frameon=False,
+                         ncol=_legend_columns(labels, PAGE_WIDTH),
+                         title="method (barrier: test error / test loss)")
+    _save([page.fig for page in pages], out_pdf)
 
 
 def fig_alignment(table: pd.DataFrame, out_pdf: str | Path) -> None:
     """Figure 2: test barriers per alignment method, with and without BatchNorm reset.
 
     ``table`` is either the barrier table of `alignment_table` (has ``loss_barrier``) or the
-    raw LMC table (barriers are computed). One row of panels per experiment: test-error
-    barrier (pp) and test-loss barrier; bars per method, hue = BN mode ("none" for models
-    without BatchNorm), mean over pairs with sd error bars.
+    raw LMC table (barriers are computed). One row per experiment: a test-error barrier (pp)
+    panel and a test-loss barrier panel; bars per method, hue = BN mode ("none" for models
+    without BatchNorm), mean over pairs with sd error bars, each bar labelled with its value
+    (so a zero barrier reads "0.0" instead of looking like a missing bar).
     """
     bar = table if "loss_barrier" in table.columns else alignment_table(table)
     bar = bar if "bn" in bar.columns else bar.assign(bn="none")
     bar = _test_rows(bar, "loss_barrier", "fig_alignment")
-    quantities = ["test error barrier (pp)", "test loss barrier"]
-    long = pd.concat([bar.assign(quantity=quantities[0], value=bar["error_barrier"] * 100.0),
-                      bar.assign(quantity=quantities[1], value=bar["loss_barrier"])],
-                     ignore_index=True).dropna(subset=["value"])
+    quantities = {"test error barrier (pp)": ("error_barrier", 100.0, "{:.1f}"),
+                  "test loss barrier": ("loss_barrier", 1.0, "{:.2f}")}
+    long = pd.concat([bar.assign(quantity=q, value=bar[c] * scale)
+                      for q, (c, scale, _) in quantities.items()], ignore_index=True)
     long["BatchNorm"] = _relabel(long["bn"], BN_LABELS)
     modes = _levels(long["bn"], BN_LABELS)
     palette = _palette(modes, "Set2")
     methods = _methods(long["method"])
-    fig, panels = _panels(long, "quantity", quantities,
-                          width=max(4.5, 0.5 + 0.45 * len(methods) * len(modes) + 1.5))
-    for ax, _, quantity, sub in panels:
-        _bars(ax, sub, "method", "value", "BatchNorm", methods, modes, palette)
+    summary = _mean_sd(long, ["experiment", "quantity", "method", "BatchNorm"], "value")
+    pages = _layout(_facets(summary, "quantity", list(quantities)))
+    for ax, facet in _panels(pages):
+        present = [m for m in methods if (facet.rows["method"] == m).any()]
+        _grouped_bars(ax, facet.rows, "method", "BatchNorm", present, modes, palette,
+                      quantities[facet.key][2])
         _reference_line(ax, 0.0)
-        ax.set(xlabel="method", ylabel=quantity)
-        _rotate_x(ax, 30)
-    _finish(fig, out_pdf, order=modes)
+        ax.set(xlabel="method", ylabel=facet.key)
+        _rotate_x(ax)
+    _finish(pages, out_pdf, order=modes)
 
 
 def fig_llfc(llfc: pd.DataFrame, out_pdf: str | Path) -> None:
     """Figure 3: LLFC — E[1 − cos] per layer between f(θ_α) and αf(θ_A) + (1−α)f(θ_B).
 
     ``llfc`` columns: experiment, method, pair, alpha, layer, layer_index, sample,
-    one_minus_cos_alpha, one_minus_cos_ab, coef_c. Panels: rows = experiments, columns
-    = methods (x axes not shared: experiments have different layers). Bars: mean over
-    samples and pairs, error bars = sd. The y axis is log (values clipped at 1e-6) when
-    the positive means span more than two orders of magnitude, else linear.
+    one_minus_cos_alpha, one_minus_cos_ab, coef_c. One panel per experiment × method (two
+    to a row); x = layer, one line per α plus the baseline 1 − cos_AB (dashed); mean over
+    samples and pairs, ±1 sd band. The panels of an experiment share y, symlog when the means
+    span more than two decades (exact zeros, e.g. at the first Linear layer, stay at 0).
     """
     long = _llfc_long(llfc)
+    if long.empty:
+        raise ValueError("fig_llfc: no 1 − cos values")
     alphas = sorted(llfc["alpha"].dropna().unique())
-    hue_order = ["1 − cos_AB (baseline)"] + [f"1 − cos_α, α={a:g}" for a in alphas]
-    means = long.groupby(["experiment", "method", "layer", "quantity"])["value"].mean()
-    log = _spans_decades(means)
-    if log:
-        long["value"] = long["value"].clip(lower=LOG_FLOOR)
+    baseline = "1 − cos_AB (baseline)"
+    hue_order = [baseline] + [f"1 − cos_α, α={a:g}" for a in alphas]
+    summary = _mean_sd(long, ["experiment", "method", "layer", "layer_index", "quantity"],
+                       "value")
     palette = _palette(hue_order)
-    fig, panels = _panels(long, "method", width=_panel_width(long, len(hue_order)), height=3.8)
-    for ax, _, _, sub in panels:
-        _layer_bars(ax, sub, "value", "quantity", hue_order, palette, "E[1 − cos]", log=log)
-    _finish(fig, out_pdf, order=hue_order, ncol=len(hue_order))
+    layers = _layers_of(summary)
+    pages = _layout(_facets(summary, "method"))
+    for ax, facet in _panels(pages):
+        _profile(ax, facet.rows, "layer", "quantity", hue_order, palette,
+                 x_order=layers[facet.experiment], nonneg=True,
+                 styles={baseline: {"linestyle": "--"}})
+        _category_axis(ax, layers[facet.experiment], PANEL[0] - 0.9, "layer")
+    _shared_y(_panels(pages), "E[1 − cos] (mean ± sd)", "mean")
+    _finish(pages, out_pdf, order=hue_order)
 
 
 def _llfc_long(llfc: pd.DataFrame) -> pd.DataFrame:
-    """Tidy table with one value per (…, layer, sample, quantity) for the grouped bars.
+    """Tidy table with one value per (…, layer, sample, quantity).
 
     ``1 - cos_AB`` does not depend on α, so it is taken once per sample (not once per α,
-    which would shrink its sd); ``1 - cos_α`` gets one bar per α. NaNs (zero feature
+    which would shrink its sd); ``1 - cos_α`` gets one series per α. NaNs (zero feature
     vectors) are dropped so means and sds ignore them.
     """
     ids = ["experiment", "method", "pair", "layer", "layer_index", "sample"]
@@ -380,36 +633,38 @@ def _llfc_long(llfc: pd.DataFrame) -> pd.DataFrame:
 def fig_coef(llfc: pd.DataFrame, out_pdf: str | Path) -> None:
     """Figure 4: the LLFC scale c (c·f(θ_α) ≈ αf(θ_A) + (1−α)f(θ_B)) per layer and α.
 
-    ``llfc`` is the LLFC table (see `fig_llfc`). Panels: experiment × method; x = layer,
-    points = mean c over samples and pairs per α, error bars = sd; dashed line at c = 1.
-    Points rather than bars, since c is close to 1 and bars from 0 would hide differences.
+    ``llfc`` is the LLFC table (see `fig_llfc`). One panel per experiment × method (two to a
+    row, y shared within an experiment); x = layer, one line per α = mean c over samples and
+    pairs, ±1 sd band; dashed line at c = 1 (what LLFC predicts).
     """
     df = llfc.dropna(subset=["coef_c"])
     if df.empty:
         raise ValueError("fig_coef: no coef_c values")
     alphas = [f"α = {a:g}" for a in sorted(df["alpha"].unique())]
     df = df.assign(α=[f"α = {a:g}" for a in df["alpha"]])
+    summary = _mean_sd(df, ["experiment", "method", "layer", "layer_index", "α"], "coef_c")
     palette = _palette(alphas, "viridis")
-    fig, panels = _panels(df, "method", width=_panel_width(df, 2))
-    for ax, _, _, sub in panels:
-        sns.pointplot(data=sub, x="layer", y="coef_c", hue="α", order=_layer_order(sub),
-                      hue_order=alphas, palette=palette, errorbar="sd", dodge=0.4,
-                      linestyle="none", markersize=5, capsize=0.1, err_kws={"linewidth": 1},
-                      ax=ax)
+    layers = _layers_of(summary)
+    pages = _layout(_facets(summary, "method"))
+    for ax, facet in _panels(pages):
+        _profile(ax, facet.rows, "layer", "α", alphas, palette, x_order=layers[facet.experiment])
         _reference_line(ax, 1.0, "LLFC: c = 1")
-        ax.set(xlabel="layer", ylabel="coefficient c (mean ± sd)")
-        _rotate_x(ax)
-    _finish(fig, out_pdf, order=[*alphas, "LLFC: c = 1"], ncol=len(alphas) + 1)
+        _category_axis(ax, layers[facet.experiment], PANEL[0] - 0.9, "layer")
+    # c is a ratio: one method far from 1 would flatten the others on a linear axis
+    _shared_y(_panels(pages), "coefficient c (mean ± sd)", "mean", decades=1.0)
+    _finish(pages, out_pdf, order=[*alphas, "LLFC: c = 1"])
 
 
 def fig_weak_additivity(table: pd.DataFrame, out_pdf: str | Path) -> None:
-    """Figure 5: weak additivity of ReLU, Dist_σ per ReLU layer, at α = 0.5.
+    """Figure 5: weak additivity of ReLU, Dist_σ per activation layer (ReLU; GELU in a ViT), at
+    α = 0.5.
 
-    ``table`` columns: experiment, method, pair, alpha, layer, layer_index, sample,
+    ``table`` columns: experiment, method, pair, alpha, layer, layer_index, activation, sample,
     dist_sigma, dist_sigma_shuffled. Per experiment only the α closest to 0.5 is kept. One
-    panel per experiment: bars = mean Dist_σ per method (sd error bars) and, as baseline,
-    the mean of ``dist_sigma_shuffled`` over all methods' rows; log y (clipped at 1e-6).
-    The definition of Dist_σ is the legend title (too long for a y label).
+    full-width panel per experiment: x = activation layer, one line per method (mean Dist_σ ± sd
+    over samples and pairs) and, dashed, the baseline ``dist_sigma_shuffled`` (mean over all
+    methods' rows); symlog y when the means span more than two decades. The definition of
+    Dist_σ is the legend title (too long for a y label).
     """
     df = table.dropna(subset=["alpha"])
     gap = (df["alpha"] - 0.5).abs()
@@ -419,24 +674,33 @@ def fig_weak_additivity(table: pd.DataFrame, out_pdf: str | Path) -> None:
                      ignore_index=True).dropna(subset=["value"])
     if long.empty:
         raise ValueError("fig_weak_additivity: no Dist_σ values")
-    long, _ = _log_y(long, "value", force=True)
     series = [*_methods(df["method"]), SHUFFLED]
-    palette = {**_method_palette(series[:-1]), SHUFFLED: (0.6, 0.6, 0.6)}
-    fig, panels = _panels(long, width=_panel_width(long, len(series), 7.5), height=4.0)
-    for ax, exp, _, sub in panels:
-        _layer_bars(ax, sub, "value", "series", series, palette, "Dist_σ (mean ± sd)",
-                    xlabel="ReLU layer", log=True)
-        ax.set_title(f"{exp} · α = {sub['alpha'].iloc[0]:g}")
-    _finish(fig, out_pdf, order=series, title=DIST_SIGMA_LABEL, ncol=3)
+    palette = {**_method_palette(series[:-1]), SHUFFLED: (0.45, 0.45, 0.45)}
+    summary = _mean_sd(long, ["experiment", "alpha", "layer", "layer_index", "series"], "value")
+    alpha = summary.groupby("experiment")["alpha"].first()
+    layers = _layers_of(summary)
+    kinds = (df.groupby("experiment")["activation"].agg(lambda a: "/".join(sorted(set(a))))
+             if "activation" in df else pd.Series("ReLU", index=alpha.index))
+    panel = (PAGE_WIDTH, 3.2)
+    pages = _layout(_facets(summary, title=lambda exp, _: f"{exp} · α = {alpha[exp]:g}"),
+                    ncols=1, panel=panel)
+    for ax, facet in _panels(pages):
+        _profile(ax, facet.rows, "layer", "series", series, palette,
+                 x_order=layers[facet.experiment], nonneg=True,
+                 styles={SHUFFLED: {"linestyle": "--"}})
+        _category_axis(ax, layers[facet.experiment], panel[0] - 0.9, f"{kinds[facet.experiment]} layer")
+    _shared_y(_panels(pages), "Dist_σ (mean ± sd)", "mean")
+    _finish(pages, out_pdf, order=series, title=DIST_SIGMA_LABEL)
 
 
 def fig_commutativity(table: pd.DataFrame, out_pdf: str | Path) -> None:
     """Figure 6: commutativity Dist_com per layer beside the baselines Dist_W and Dist_H.
 
     ``table`` columns: experiment, method, pair, layer, layer_index, dist_com, dist_w,
-    dist_h (one row per layer and pair). One row of panels per experiment, one column per
-    quantity; x = layer, bars per method (mean over pairs, sd error bars); log y, shared
-    within a row so Dist_com can be compared with its baselines.
+    dist_h (one row per layer and pair). One panel per experiment × method (two to a row);
+    x = layer, one line per quantity (mean ± sd over pairs). y is shared within an
+    experiment and symlog when the means span more than two decades, so the exact zeros (Dist_com
+    and Dist_H at the first layer, whose input is the same for both nets) show as 0.
     """
     present = [q for q in COMMUTATIVITY if q in table.columns]
     ids = ["experiment", "method", "pair", "layer", "layer_index"]
@@ -445,21 +709,28 @@ def fig_commutativity(table: pd.DataFrame, out_pdf: str | Path) -> None:
     if long.empty:
         raise ValueError("fig_commutativity: no distances")
     long["quantity"] = long["quantity"].map(COMMUTATIVITY)
-    long, _ = _log_y(long, "value", force=True)
-    methods = _methods(long["method"])
-    palette = _method_palette(methods)
-    fig, panels = _panels(long, "quantity", [COMMUTATIVITY[q] for q in present],
-                          width=_panel_width(long, len(methods)), sharey=True)
-    for ax, _, _, sub in panels:
-        _layer_bars(ax, sub, "value", "method", methods, palette, DIST_LABEL, log=True)
-    _outer_ylabels(fig)
-    _finish(fig, out_pdf, order=methods)
+    series = [COMMUTATIVITY[q] for q in present]
+    palette = _palette(series, "Dark2")
+    summary = _mean_sd(long, ["experiment", "method", "layer", "layer_index", "quantity"],
+                       "value")
+    layers = _layers_of(summary)
+    pages = _layout(_facets(summary, "method"))
+    for ax, facet in _panels(pages):
+        _profile(ax, facet.rows, "layer", "quantity", series, palette,
+                 x_order=layers[facet.experiment], nonneg=True,
+                 styles={s: {"linestyle": "--"} for s in series[1:]})
+        _category_axis(ax, layers[facet.experiment], PANEL[0] - 0.9, "layer")
+    _shared_y(_panels(pages), "distance (mean ± sd)", "mean")
+    _finish(pages, out_pdf, order=series, title=DIST_LABEL)
 
 
-def _barrier_heatmap(ax: plt.Axes, sub: pd.DataFrame, limit: float) -> None:
+def _barrier_heatmap(ax: plt.Axes, sub: pd.DataFrame, limit: float,
+                     panel: tuple[float, float]):
     """Layer (rows, full model on top) × epoch heatmap of the mean test-loss barrier.
 
-    Colours run from −limit to +limit (centred at 0) so that panels can be compared.
+    Colours run from −limit to +limit (centred at 0) so that panels can be compared. Cells
+    are labelled with their value only where the panel leaves room for 8-pt text. Returns
+    the mesh (for the colour bar).
     """
     layers = sub[(sub["layer"] != ALL_LAYERS) & sub["into"].isin(["a", "b"])]
     grid = (layers.pivot_table(index="layer", columns="epoch", values="loss_barrier",
@@ -467,34 +738,39 @@ def _barrier_heatmap(ax: plt.Axes, sub: pd.DataFrame, limit: float) -> None:
     full = sub[sub["layer"] == ALL_LAYERS].groupby("epoch")["loss_barrier"].mean()
     if not full.empty:
         grid = pd.concat([full.rename(ALL_LAYERS).to_frame().T, grid]).sort_index(axis=1)
-    # matplotlib directly: sns.heatmap redraws the whole figure on every call (slow grids)
     values = grid.to_numpy(dtype=float)
-    mesh = ax.pcolormesh(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-limit, vmax=limit,
+    rows, cols = values.shape
+    # matplotlib directly: sns.heatmap redraws the whole figure on every call (slow grids)
+    mesh = ax.pcolormesh(np.arange(cols + 1) - 0.5, np.arange(rows + 1) - 0.5,
+                         np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-limit, vmax=limit,
                          edgecolors="white", linewidth=0.5)
-    if values.size <= 100:
+    # the room a cell gets: the panel less the layer names, colour bar share and margins
+    names = max(len(str(s)) for s in grid.index)
+    cell_w = (panel[0] - 0.8 - 0.06 * names) / cols
+    cell_h = (panel[1] - 1.2) / rows
+    if cell_w >= 0.36 and cell_h >= 0.16:
         for (i, j), v in np.ndenumerate(values):
-            if np.isfinite(v):
-                ax.text(j + 0.5, i + 0.5, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if abs(v) > 0.6 * limit else "black")
-    ax.figure.colorbar(mesh, ax=ax, label="test loss barrier\n(mean over into A/B, pairs)")
-    ax.set_xticks(np.arange(values.shape[1]) + 0.5, [f"{e:g}" for e in grid.columns])
-    ax.set_yticks(np.arange(values.shape[0]) + 0.5, grid.index)
-    ax.set_xlim(0, values.shape[1])
-    ax.set_ylim(values.shape[0], 0)  # first row (the full model) on top
+            if np.isfinite(v):  # |v| < 0.005 is written 0.00, not -0.00
+                ax.text(j, i, f"{0.0 if abs(v) < 0.005 else v:.2f}", ha="center", va="center",
+                        fontsize=MIN_FONT, color="white" if abs(v) > 0.6 * limit else "black")
     ax.grid(False)
+    _category_axis(ax, [f"{e:g}" for e in grid.columns], panel[0] - 1.4, "checkpoint epoch")
+    _category_axis(ax, list(grid.index), panel[1] - 1.2, "layer", axis="y")
+    plt.setp(ax.get_xticklabels(), rotation=0, ha="center")
     if not full.empty:
-        ax.axhline(1.0, color="k", linewidth=2)
-    ax.set(xlabel="checkpoint epoch", ylabel="layer")
-    ax.tick_params(axis="y", labelrotation=0)
+        ax.axhline(0.5, color="k", linewidth=2)  # between the full model and the layers
+    return mesh
 
 
-def _barrier_bars(ax: plt.Axes, sub: pd.DataFrame, palette: dict) -> None:
-    """Bars per layer (hue = into A/B) with a dashed line at the full-model barrier."""
+def _barrier_profile(ax: plt.Axes, sub: pd.DataFrame, palette: dict) -> None:
+    """Barrier per layer (one line per into A/B, mean ± sd over pairs), a dashed line at
+    the full-model barrier and a thin one at 0."""
     layers = sub[sub["layer"] != ALL_LAYERS]
     layers = layers.assign(into=_relabel(layers["into"], INTO_LABELS))
-    if not layers.empty:
-        _layer_bars(ax, layers, "loss_barrier", "into", list(palette), palette,
-                    "test loss barrier")
+    summary = _mean_sd(layers, ["layer", "layer_index", "into"], "loss_barrier")
+    order = _layer_order(summary)
+    _profile(ax, summary, "layer", "into", list(palette), palette, x_order=order)
+    _category_axis(ax, order, PANEL[0] - 0.9, "layer")
     _reference_line(ax, sub.loc[sub["layer"] == ALL_LAYERS, "loss_barrier"].mean(), "full model")
     _reference_line(ax, 0.0)
     ax.set_title(f"{ax.get_title()} (epoch {sub['epoch'].iloc[0]:g})")
@@ -505,57 +781,86 @@ def fig_layer_barriers(table: pd.DataFrame, out_pdf: str | Path) -> None:
 
     ``table`` columns: experiment, method, pair, epoch, layer, layer_index, into, split,
     loss, error, loss_barrier, error_barrier; rows with layer "(all)" hold the full-model
-    barrier. Test split, loss barrier; one panel per experiment × method. With several
-    epochs: heatmap layer × epoch (mean over into A/B and pairs, full model as top row,
-    diverging colours centred at 0, same scale in every panel); with one epoch: bars per layer,
-    hue = into, dashed line at the full-model barrier.
+    barrier. Test split, loss barrier; one panel per experiment × method (two to a row). With
+    several epochs: heatmap layer × epoch (mean over into A/B and pairs, full model as top
+    row, diverging colours centred at 0, one scale for every panel, a colour bar per
+    experiment); with one epoch: the barrier per layer, one line per into A/B, a dashed line at
+    the full-model barrier (y shared within the experiment).
     """
     df = _test_rows(table, "loss_barrier", "fig_layer_barriers")
-    n_layers = df.groupby("experiment")["layer"].nunique().max()
-    n_epochs = df.groupby(["experiment", "method"])["epoch"].nunique().max()
     palette = _palette(_levels(df.loc[df["layer"] != ALL_LAYERS, "into"], INTO_LABELS), "Set2")
-    fig, panels = _panels(df, "method", width=max(_panel_width(df, 2), 0.6 * n_epochs + 3.5),
-                          height=max(3.8, 0.35 * n_layers + 2.0))
     cells = df[df["into"].isin(["a", "b"]) | (df["layer"] == ALL_LAYERS)]
     limit = cells.groupby(["experiment", "method", "layer", "epoch"])["loss_barrier"].mean()
     limit = max(float(limit.abs().max()), 1e-12)
-    for ax, _, _, sub in panels:
-        if sub["epoch"].nunique() > 1:
-            _barrier_heatmap(ax, sub, limit)
+    panel = (PANEL[0], 3.4)
+    pages = _layout(_facets(df, "method"), panel=panel)
+    heatmaps: dict[object, tuple[list, object]] = {}  # subfigure -> (its heatmap axes, a mesh)
+    profiles = []
+    for ax, facet in _panels(pages):
+        if facet.rows["epoch"].nunique() > 1:
+            mesh = _barrier_heatmap(ax, facet.rows, limit, panel)
+            heatmaps.setdefault(ax.figure, ([], mesh))[0].append(ax)
         else:
-            _barrier_bars(ax, sub, palette)
-    _finish(fig, out_pdf, order=[*palette, "full model"])
+            _barrier_profile(ax, facet.rows, palette)
+            profiles.append((ax, facet))
+    for sub, (axes, mesh) in heatmaps.items():
+        sub.colorbar(mesh, ax=axes, shrink=0.8, aspect=30,
+                     label="test loss barrier\n(mean over into A/B and pairs)")
+    _shared_y(profiles, "test loss barrier")
+    _finish(pages, out_pdf, order=[*palette, "full model"])
+
+
+def _epoch_palette(epochs: Sequence) -> dict:
+    """Epochs along training from light to dark (viridis), the final one darkest."""
+    colours = sns.color_palette("viridis_r", len(epochs)) if len(epochs) > 1 else [(0, 0, 0)]
+    return {f"epoch {e:g}": c for e, c in zip(sorted(epochs), colours)}
 
 
 def fig_cumulative(table: pd.DataFrame, out_pdf: str | Path) -> None:
-    """Figure 8: cumulative barriers — layers interpolated one by one, shallow- or deep-first.
+    """Figure 8: cumulative barriers — layers averaged one by one, shallow-first, deep-first
+    or in seeded random orders.
 
-    ``table`` columns: experiment, method, pair, order, step, layer (the one added at that
-    step), into, split, loss, error, loss_barrier, error_barrier. Test split; loss barrier
-    vs step (mean ± sd over pairs), one line per order (colour) × into (line style); the x
-    tick labels name the layer added at each step ("shallow-first / deep-first").
+    ``table`` columns: experiment, method, pair, order (shallow, deep, random1, …), step,
+    layer (the one added at that step), into, split, loss, error, loss_barrier, error_barrier
+    (and maybe epoch). Test split; one panel per experiment × method × order kind, three to a
+    row (shallow-first and deep-first name their added layers on the x axis; the random
+    orders share a panel, x = number of layers averaged). Loss barrier vs step, mean ± sd over
+    into A/B, pairs (and random orders); with several epochs one line per epoch (light to
+    dark, the final one darkest), else one line per into A/B. y shared within an experiment.
     """
     df = _test_rows(table, "loss_barrier", "fig_cumulative")
-    orders = _ordered(df["order"], tuple(ORDER_LABELS))
-    order_labels, intos = _levels(df["order"], ORDER_LABELS), _levels(df["into"], INTO_LABELS)
-    df = df.assign(**{"layer order": _relabel(df["order"], ORDER_LABELS),
-                      "into": _relabel(df["into"], INTO_LABELS)})
-    palette = _palette(order_labels, "Set1")
-    fig, panels = _panels(df, "method", width=max(5.0, 0.55 * df["step"].nunique() + 2.5),
-                          height=4.2)
-    for ax, _, _, sub in panels:
-        sns.lineplot(data=sub, x="step", y="loss_barrier", hue="layer order", style="into",
-                     hue_order=order_labels, style_order=intos,
-                     palette=palette, markers=True, errorbar="sd", ax=ax)
-        added = sub.drop_duplicates(["order", "step"]).set_index(["order", "step"])["layer"]
-        steps = sorted(sub["step"].unique())
-        ax.set_xticks(steps, [" / ".join(str(added[(o, s)]) for o in orders
-                                         if (o, s) in added.index) for s in steps])
-        _rotate_x(ax)
+    df = df.assign(kind=[o if o in ORDER_LABELS else "random" for o in df["order"]])
+    epochs = sorted(df["epoch"].unique()) if "epoch" in df.columns else []
+    if len(epochs) > 1:
+        hues = _epoch_palette(epochs)
+        df = df.assign(hue=[f"epoch {e:g}" for e in df["epoch"]])
+    else:
+        hues = _palette(_levels(df["into"], INTO_LABELS), "Set1")
+        df = df.assign(hue=_relabel(df["into"], INTO_LABELS))
+    kinds = _ordered(df["kind"], ("shallow", "deep", "random"))
+    df = df.assign(panel=[f"{m} · {k}" for m, k in zip(df["method"], df["kind"])])
+    # random orders add different layers at a step: only the step is a common x
+    df.loc[df["kind"] == "random", "layer"] = ""
+    summary = _mean_sd(df, ["experiment", "method", "kind", "panel", "step", "layer", "hue"],
+                       "loss_barrier")
+    keys = {f"{m} · {k}": (m, k) for m in _methods(df["method"]) for k in kinds}
+    labels = {**ORDER_LABELS, "random": "random orders"}
+    panel = (PAGE_WIDTH / 3, 2.4)
+    pages = _layout(_facets(summary, "panel", list(keys), lambda exp, key: (
+        f"{exp} · {keys[key][0]}\n{labels[keys[key][1]]}")), ncols=3, panel=panel)
+    for ax, facet in _panels(pages):
+        kind = keys[facet.key][1]
+        added = facet.rows.drop_duplicates("step").sort_values("step")
+        _profile(ax, facet.rows, "step", "hue", list(hues), hues, x_order=list(added["step"]))
         _reference_line(ax, 0.0)
-        ax.set(xlabel="layer added at this step\n(" + " / ".join(order_labels) + ")",
-               ylabel="test loss barrier")
-    _finish(fig, out_pdf, skip=("layer order", "into"))
+        if kind == "random":
+            _category_axis(ax, [str(s) for s in added["step"]], panel[0] - 0.7,
+                           "layers averaged")
+        else:
+            _category_axis(ax, [str(s) for s in added["layer"]], panel[0] - 0.7,
+                           f"layer added, {ORDER_AXIS.get(kind, kind)}")
+    _shared_y(_panels(pages), "test loss barrier")
+    _finish(pages, out_pdf, order=list(hues))
 
 
 def fig_robustness(table: pd.DataFrame, out_pdf: str | Path) -> None:
@@ -563,67 +868,162 @@ def fig_robustness(table: pd.DataFrame, out_pdf: str | Path) -> None:
     direction (towards B) vs along random directions of the same norm.
 
     ``table`` columns: experiment, method, pair, layer, layer_index, direction, draw, step,
-    split, loss, error, norm. Test split; panel per experiment × method; x = layer, bars =
-    test loss after steps ≠ 0 (hue = direction × step; mean ± sd over draws and pairs);
-    dashed line at the step-0 loss (model A). Log y if the losses span > 2 decades.
+    split, loss, error, norm (and maybe epoch). Test split; one panel per experiment × method
+    (two to a row); x = perturbed layer; dashed line at the step-0 loss (model A, final
+    epoch). With one epoch: one line per direction × step ≠ 0 (test loss, mean ± sd over
+    draws and pairs). With several epochs: the largest step only, one colour per epoch (light
+    to dark), solid for the interpolation direction and dotted for random ones. y shared
+    within an experiment, log when the means span more than a decade.
     """
     df = _test_rows(table, "loss", "fig_robustness")
-    at_a = np.isclose(df["step"], 0.0)
-    base = df[at_a].groupby(["experiment", "method"])["loss"].mean()
-    moved = df[~at_a]
+    epochs = sorted(df["epoch"].unique()) if "epoch" in df.columns else []
+    last = df[df["epoch"] == epochs[-1]] if epochs else df
+    at_a = np.isclose(last["step"], 0.0)
+    base = last[at_a].groupby(["experiment", "method"])["loss"].mean()
+    moved = df[~np.isclose(df["step"], 0.0)]
     if moved.empty:
         raise ValueError("fig_robustness: no rows with step != 0")
     directions = _ordered(moved["direction"], ("interpolation", "random"))
-    hue_order = [f"{d}, step {s:g}" for d in directions for s in sorted(moved["step"].unique())]
-    moved = moved.assign(perturbation=[f"{d}, step {s:g}"
-                                       for d, s in zip(moved["direction"], moved["step"])])
-    moved, log = _log_y(moved, "loss")
-    palette = _palette(hue_order, "Paired")
-    fig, panels = _panels(moved, "method", width=_panel_width(moved, len(hue_order)))
-    for ax, exp, meth, sub in panels:
-        _layer_bars(ax, sub, "loss", "perturbation", hue_order, palette, "test loss",
-                    xlabel="perturbed layer", log=log)
-        if (exp, meth) in base.index:
-            _reference_line(ax, base[(exp, meth)], "model A (step 0)")
-    _finish(fig, out_pdf, order=[*hue_order, "model A (step 0)"])
+    if len(epochs) > 1:
+        moved = moved[np.isclose(moved["step"], moved["step"].max())]
+        colours = _epoch_palette(epochs)
+        hue_order = [f"{d}, {e}" for e in colours for d in directions]
+        palette = {f"{d}, {e}": c for e, c in colours.items() for d in directions}
+        styles = {f"random, {e}": {"linestyle": ":"} for e in colours}
+        moved = moved.assign(perturbation=[f"{d}, epoch {e:g}"
+                                           for d, e in zip(moved["direction"], moved["epoch"])])
+    else:
+        hue_order = [f"{d}, step {s:g}" for d in directions for s in sorted(moved["step"].unique())]
+        palette, styles = _palette(hue_order, "Paired"), None
+        moved = moved.assign(perturbation=[f"{d}, step {s:g}"
+                                           for d, s in zip(moved["direction"], moved["step"])])
+    summary = _mean_sd(moved, ["experiment", "method", "layer", "layer_index", "perturbation"],
+                       "loss")
+    layers = _layers_of(summary)
+    pages = _layout(_facets(summary, "method"))
+    for ax, facet in _panels(pages):
+        _profile(ax, facet.rows, "layer", "perturbation", hue_order, palette,
+                 x_order=layers[facet.experiment], nonneg=True, styles=styles)
+        _reference_line(ax, base.get((facet.experiment, facet.key), np.nan), "model A (step 0)")
+        _category_axis(ax, layers[facet.experiment], PANEL[0] - 0.9, "perturbed layer")
+    # losses are positive; a log axis keeps the small changes visible beside a large one
+    _shared_y(_panels(pages), "test loss (mean ± sd)", "mean", decades=1.0)
+    step = f", step {moved['step'].max():g} (the whole way to B's layer)" if len(epochs) > 1 else ""
+    _finish(pages, out_pdf, order=[*hue_order, "model A (step 0)"],
+            title=f"direction{step}; dotted: random" if len(epochs) > 1 else None)
 
 
 def fig_subspace(table: pd.DataFrame, out_pdf: str | Path) -> None:
-    """Figure 10: perturbations of the whole model along the interpolation direction, a
-    random direction in the subspace, or orthogonal to it, as a function of their norm.
+    """Figure 10: perturbations of a whole endpoint along the interpolation line (away from
+    the other endpoint), a random direction in the training subspace, or orthogonal to it,
+    as a function of their size.
 
-    ``table`` columns: experiment, method, pair, layer, direction, draw, norm, split, loss,
-    error; only layer "(all)" rows are plotted. Test loss vs norm, one line per direction
-    (mean ± sd over draws and pairs), panel per experiment × method. Log y if the losses
-    span > 2 decades.
+    ``table`` columns: experiment, method, pair, layer, direction, endpoint ("a" or "b": the
+    net perturbed), draw, norm, norm_fraction (ε / ‖θ_A − θ_B‖), split, loss, error; only
+    layer "(all)" rows are plotted. Test loss vs norm_fraction (``norm`` in a table without
+    it), one line per direction (mean ± sd over endpoints, draws and pairs), one panel per
+    experiment × method (two to a row); y shared within an experiment, log when the means
+    span more than a decade.
     """
     df = _test_rows(table[table["layer"] == ALL_LAYERS], "loss", "fig_subspace")
-    directions = _ordered(df["direction"], ("interpolation", "subspace", "orthogonal"))
+    x, xlabel = (("norm_fraction", "perturbation size ε / ‖θ_A − θ_B‖")
+                 if "norm_fraction" in df.columns else ("norm", "perturbation norm ε"))
+    directions = _levels(df["direction"], SUBSPACE_LABELS)
+    df = df.assign(direction=_relabel(df["direction"], SUBSPACE_LABELS))
+    summary = _mean_sd(df, ["experiment", "method", "direction", x], "loss")
     palette = _palette(directions, "Dark2")
-    df, log = _log_y(df, "loss")
-    fig, panels = _panels(df, "method", width=5.0)
-    for ax, _, _, sub in panels:
-        sns.lineplot(data=sub, x="norm", y="loss", hue="direction", hue_order=directions,
-                     palette=palette, errorbar="sd", marker="o", ax=ax)
-        if log:
-            ax.set_yscale("log", nonpositive="clip")
-        ax.set(xlabel="perturbation norm ‖δ‖", ylabel="test loss")
-    _finish(fig, out_pdf, order=directions, title="direction")
+    pages = _layout(_facets(summary, "method"))
+    for ax, facet in _panels(pages):
+        _profile(ax, facet.rows, x, "direction", directions, palette, nonneg=True)
+        ax.set_xlabel(xlabel)
+    _shared_y(_panels(pages), "test loss (mean ± sd)", "mean", decades=1.0)
+    _finish(pages, out_pdf, order=directions, title="direction of the perturbation")
+
+
+TOY_INTO = {"a": "layer averaged into A\n(the other layer kept from A)",
+            "b": "layer averaged into B\n(the other layer kept from B)"}
 
 
 def fig_linear_toy(table: pd.DataFrame, out_pdf: str | Path) -> None:
     """Figure 11: deep linear toy w2·w1·x — loss along α when both layers or only one is
-    interpolated. ``table`` columns: path ("full", "layer1", "layer2"), alpha, loss."""
+    interpolated.
+
+    ``table`` columns (`toy.linear_toy`): path ("full", "layer1", "layer2"), into
+    ("both" for the full path, "a" or "b": whose other layer is kept), alpha, loss, barrier
+    (loss at α = ½ minus the mean of the full endpoints' losses; computed if missing). Two
+    panels, into A and into B, each with the full path (dashed, the same in both) and the two
+    single-layer paths; the legend below each panel gives every path's barrier. y is symlog
+    (shared) since the barriers range from ~0.2 to 16 and the endpoints' losses are 0.
+    """
     df = table.dropna(subset=["alpha", "loss"])
     if df.empty:
         raise ValueError("fig_linear_toy: no loss values")
-    paths = _levels(df["path"], TOY_LABELS)
-    df = df.assign(path=_relabel(df["path"], TOY_LABELS))
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
-    sns.lineplot(data=df, x="alpha", y="loss", hue="path", hue_order=paths,
-                 palette=_palette(paths, "Set1"), errorbar="sd", marker="o", ax=ax)
-    ax.set(xlabel=ALPHA_LABEL, ylabel="loss", title="deep linear toy: w2·w1·x", xlim=(0, 1))
-    _finish(fig, out_pdf, order=paths, title="interpolated weights", ncol=2)
+    if "into" not in df.columns:  # an older table: single-layer paths kept the rest of A
+        df = df.assign(into=np.where(df["path"] == "full", "both", "a"))
+    if "barrier" not in df.columns:
+        ends = df[(df["path"] == "full") & df["alpha"].isin([0.0, 1.0])]["loss"].mean()
+        half = df[np.isclose(df["alpha"], 0.5)].groupby(["path", "into"])["loss"].mean()
+        df = df.assign(barrier=[half.get((p, i), np.nan) - ends
+                                for p, i in zip(df["path"], df["into"])])
+    intos = [i for i in TOY_INTO if (df["into"] == i).any()] or ["both"]
+    full = df[df["path"] == "full"]
+    palette = _palette([p for p in TOY_LABELS if p != "full"], "Set1")
+    fig, axes = plt.subplots(1, len(intos), figsize=(PAGE_WIDTH, 4.4), layout="constrained",
+                             squeeze=False)
+    panels = []
+    for ax, into in zip(axes[0], intos):
+        sub = pd.concat([full, df[df["into"] == into]]) if into != "both" else full
+        for path in _ordered(sub["path"], tuple(TOY_LABELS)):
+            curve = sub[sub["path"] == path].groupby("alpha")[["loss", "barrier"]].mean()
+            ax.plot(curve.index, curve["loss"], marker="o", markersize=3,
+                    color="k" if path == "full" else palette.get(path),
+                    linestyle="--" if path == "full" else "-",
+                    label=f"{TOY_LABELS.get(path, path)}: barrier {curve['barrier'].mean():.2f}")
+        ax.axvline(0.5, color="0.5", linestyle=":", linewidth=1)  # where the barrier is read
+        ax.set(xlabel=ALPHA_LABEL, xlim=(0, 1),
+               title=f"deep linear toy w2·w1·x\n{TOY_INTO.get(into, 'both layers')}")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False,
+                  title="interpolated weights")
+        panels.append((ax, _Facet("toy", into, ax.get_title(), sub)))
+    _shared_y(panels, "loss", "loss")
+    _save(fig, out_pdf)
+
+
+STITCH_LABELS = {"b": "A's feature into B", "a": "B's feature into A"}
+
+
+def fig_stitching(table: pd.DataFrame, out_pdf: str | Path) -> None:
+    """Figure 12: model stitching (LLFC appendix) — one network's feature at a layer fed into
+    the rest of the other.
+
+    ``table`` columns: experiment, method, pair, layer, layer_index, into (a or b: the network
+    that runs the rest), split, loss, error; rows with layer "(none)" are A and B on their
+    own. One panel per experiment × method (two to a row); x = stitched layer, test error
+    (%) of A's feature into B and of B's into A (mean ± sd over pairs); dashed lines at A's
+    and B's own errors. y shared within an experiment.
+    """
+    df = _test_rows(table, "error", "fig_stitching").assign(value=lambda d: d["error"] * 100)
+    own = df[df["layer"] == "(none)"].groupby(["experiment", "method", "into"])["value"].mean()
+    stitched = df[df["layer"] != "(none)"]
+    if stitched.empty:
+        raise ValueError("fig_stitching: no stitched rows")
+    series = _levels(stitched["into"], STITCH_LABELS)
+    stitched = stitched.assign(into=_relabel(stitched["into"], STITCH_LABELS))
+    summary = _mean_sd(stitched, ["experiment", "method", "layer", "layer_index", "into"], "value")
+    palette = _palette(series, "Set1")
+    layers = _layers_of(summary)
+    pages = _layout(_facets(summary, "method"))
+    for ax, facet in _panels(pages):
+        _profile(ax, facet.rows, "layer", "into", series, palette,
+                 x_order=layers[facet.experiment], nonneg=True)
+        for net, style in (("a", "--"), ("b", ":")):
+            y = own.get((facet.experiment, facet.key, net), np.nan)
+            if pd.notna(y):
+                ax.axhline(y, color="k", linestyle=style, linewidth=1.1, zorder=1,
+                           label=f"model {net.upper()} on its own")
+        _category_axis(ax, layers[facet.experiment], PANEL[0] - 0.9, "stitched layer")
+    _shared_y(_panels(pages), "test error (%)")
+    _finish(pages, out_pdf, order=[*series, "model A on its own", "model B on its own"])
 
 
 FIGURES: dict[str, Callable[[pd.DataFrame, str | Path], None]] = {
@@ -638,4 +1038,5 @@ FIGURES: dict[str, Callable[[pd.DataFrame, str | Path], None]] = {
     "fig9": fig_robustness,
     "fig10": fig_subspace,
     "fig11": fig_linear_toy,
+    "fig12": fig_stitching,
 }

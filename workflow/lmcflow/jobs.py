@@ -1,44 +1,34 @@
 """Glue between a Snakemake job and the package: logging, threads, device, rebuilding models.
 
-Every script starts with `log, device = jobs.start(snakemake)`: its messages go to the rule's
-log file (and stderr), torch uses the rule's `threads`, and the device follows the experiment's
-`device` setting. Scripts then call one package function and write one artifact.
+Every script that computes with torch starts with `log, device = jobs.start(snakemake)`: its
+messages go to the rule's log file (and stderr), torch uses the rule's `threads`, and the
+device follows the experiment's `device` setting (table and figure scripts use the torch-free
+`logs.start`). Scripts then call package functions and write their artifacts.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import logs
 from .data import Data, load_dataset
 from .models import build_model
 from .training import resolve_device
 
 
 def start(snakemake, device: str = "auto") -> tuple:
-    """Set up logging to snakemake.log[0] (follow it with `tail -f`), torch threads and the
-    device; return (log, device)."""
-    logger = logging.getLogger(f"lmcflow.{snakemake.rule}")
-    logger.setLevel(logging.INFO)
-    logger.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)  # progress goes to the log; only problems here
-    console.setLevel(logging.INFO if not snakemake.log else logging.WARNING)
-    handlers = [console] + ([logging.FileHandler(snakemake.log[0], mode="w")] if snakemake.log else [])
-    for h in handlers:
-        h.setFormatter(fmt)
-        logger.addHandler(h)
+    """`logs.start` (the job's log, its exception, CPU accounting) plus torch's threads (the
+    rule's `threads`) and the device; return (log, device)."""
+    log, logger = logs.start(snakemake)
     torch.set_num_threads(max(1, snakemake.threads))
     device = resolve_device(device)
-    wildcards = ", ".join(f"{k}={v}" for k, v in snakemake.wildcards.items())
-    logger.info(f"{snakemake.rule} [{wildcards}] on {device}, {torch.get_num_threads()} threads")
-    return logger.info, device
+    log(f"on {device}, {torch.get_num_threads()} threads")
+    return log, device
 
 
 def model_spec(data: Data, model_args: dict) -> dict:

@@ -39,9 +39,9 @@ from .interpolation import lerp_state, reset_bn
 from .metrics import barrier
 from .training import derive_seed, evaluate
 
-__all__ = ["layer_groups", "mix_state", "single_layer_barriers", "cumulative_barriers",
-           "random_direction", "layer_robustness", "perturbation_directions",
-           "subspace_perturbations", "linear_toy", "ALL"]
+__all__ = ["layer_groups", "mix_state", "single_layer_barriers", "layer_orders", "cumulative_barriers",
+           "random_direction", "layer_robustness", "training_subspace",
+           "perturbation_directions", "subspace_perturbations", "ALL"]
 
 ALL = "(all)"  # the `layer` value of rows about the whole network
 BN_MODES = ("interpolate", "reset")
@@ -64,10 +64,18 @@ def layer_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     which is input-to-output order for the lmcflow models. In a ResNet block the shortcut
     (conv + norm) runs in parallel to the main branch; it comes after the block's conv2/norm2
     and before the next block.
+
+    Coarser groups: a model listing module names in ``lmcflow_layer_groups`` (the config's
+    ``model.layer_groups``) or ``layer_group_modules()`` (the built-in ViT: one group per block)
+    gets one group per listed module, holding every key of its subtree; keys outside them keep
+    their per-module groups.
     """
+    merged = list(getattr(model, "lmcflow_layer_groups", None) or
+                  (model.layer_group_modules() if hasattr(model, "layer_group_modules") else []))
     groups: dict[str, list[str]] = {}
     for key in model.state_dict():
         owner = key.rpartition(".")[0]  # parameter and buffer names contain no dots
+        owner = next((m for m in merged if owner == m or owner.startswith(m + ".")), owner)
         groups.setdefault(owner, []).append(key)
     return [(name or "(root)", keys) for name, keys in groups.items()]
 
@@ -236,16 +244,29 @@ def single_layer_barriers(model: nn.Module, state_a: dict, state_b: dict, data: 
                                        "loss_barrier", "error_barrier"])
 
 
+def layer_orders(groups: Sequence, random_orders: int = 0, seed: int = 0) -> dict[str, list]:
+    """The orders in which cumulative barriers add layer groups: "shallow" (input first),
+    "deep" (output first) and ``random_orders`` seeded random ones, "random1", "random2", …
+    (order k drawn with derive_seed(seed, 111, k); the official code's random order uses 111)."""
+    orders = {"shallow": list(groups), "deep": list(groups)[::-1]}
+    for k in range(1, random_orders + 1):
+        gen = torch.Generator().manual_seed(derive_seed(seed, 111, k))
+        orders[f"random{k}"] = [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
+    return orders
+
+
 def cumulative_barriers(model: nn.Module, state_a: dict, state_b: dict, data: Data,
                         splits: Sequence[str] = SPLITS, batch_size: int = 1000, device="cpu",
-                        bn: str = "reset", log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Barrier of averaging a growing set of layer groups, from the input or the output side.
+                        bn: str = "reset", random_orders: int = 0, seed: int = 0,
+                        log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Barrier of averaging a growing set of layer groups, in the orders of :func:`layer_orders`.
 
-    order "shallow": step k averages groups 1..k; order "deep": the last k groups. ``layer`` is
-    the group added at that step; the other groups come from A (into "a") or B (into "b").
-    At step G every group is averaged, which is exactly θ_½ for both `into` values and both
-    orders: that evaluation is done once and shared, so the last rows equal the full barrier.
-    Evaluations: 2 endpoints + 1 midpoint + 2·2·(G − 1) variants.
+    order "shallow": step k averages groups 1..k; order "deep": the last k groups; "random{k}":
+    the first k of a seeded random order. ``layer`` is the group added at that step; the other
+    groups come from A (into "a") or B (into "b"). At step G every group is averaged, which is
+    exactly θ_½ for both `into` values and every order: that evaluation is done once and
+    shared, so the last rows equal the full barrier.
+    Evaluations: 2 endpoints + 1 midpoint + 2·(number of orders)·(G − 1) variants.
 
     Columns: order, step, layer, into, split, loss, error, loss_barrier, error_barrier.
     """
@@ -255,7 +276,7 @@ def cumulative_barriers(model: nn.Module, state_a: dict, state_b: dict, data: Da
     full = ev(mid)
     groups = layer_groups(model)
     variants = []  # (meta, state or None for θ_½ itself)
-    for order, sequence in (("shallow", groups), ("deep", groups[::-1])):
+    for order, sequence in layer_orders(groups, random_orders, seed).items():
         averaged: list[str] = []
         for step, (name, keys) in enumerate(sequence, start=1):
             averaged += keys
@@ -366,25 +387,36 @@ def _unit(v: Tensor) -> Tensor:
     return v / torch.linalg.vector_norm(v)
 
 
-def perturbation_directions(state_a: dict, state_b: dict, checkpoints: Sequence[dict],
-                            keys: Sequence[str], draws: int, seed: int) -> dict[str, list[Tensor]]:
-    """Unit directions (float64, flattened over ``keys`` in order) starting from θ_A.
+def training_subspace(states: Sequence[dict], keys: Sequence[str]) -> Tensor:
+    """Orthonormal basis (P, r), float64, of span{θ : θ in ``states``} over ``keys``.
 
-    - "interpolation": (θ_B − θ_A)/‖θ_B − θ_A‖ (one vector);
-    - "subspace": Q·g/‖g‖, g ~ N(0, I_r), Q an orthonormal basis (QR in float64) of
-      span{c − θ_A : c in checkpoints} (``draws`` vectors; none if the span is {0});
-    - "orthogonal": a Gaussian vector with its projection onto that span removed (twice, for
-      numerical orthogonality), normalised (``draws`` vectors).
-    A direction that does not exist is left out (empty list): "interpolation" when θ_B = θ_A on
-    ``keys`` (e.g. untouched BN weights), "subspace" when the span is {0}, "orthogonal" when the
-    span is the whole space (a small layer and many checkpoints).
-    Memory: the (P, len(checkpoints)) float64 difference matrix and its Q factor.
+    As in the official notebook (``orth`` of the weight vectors of both networks along training),
+    the span is that of the raw weight vectors, not of differences; give it the kept weights of
+    both networks and both endpoints, so that it contains θ_A − θ_B. Repeated or dependent
+    vectors (a spawned pair shares its parent's checkpoints) add no dimension.
+    Memory: the (P, len(states)) float64 matrix and its Q factor.
     """
-    theta = _flat(state_a, keys)
-    basis = _orthonormal_basis(torch.stack([_flat(c, keys) - theta for c in checkpoints], dim=1)
-                               if checkpoints else theta.new_zeros(theta.numel(), 0))
+    return _orthonormal_basis(torch.stack([_flat(s, keys) for s in states], dim=1))
+
+
+def perturbation_directions(state_from: dict, state_other: dict, basis: Tensor,
+                            keys: Sequence[str], draws: int, seed: int) -> dict[str, list[Tensor]]:
+    """Unit directions (float64, flattened over ``keys`` in order) for perturbing ``state_from``.
+
+    - "interpolation": (θ_from − θ_other)/‖θ_from − θ_other‖, the line through both networks,
+      pointing *away from* the other one (the official code moves each endpoint this way, so
+      that a step of norm ‖θ_A − θ_B‖ does not just retrace the LMC path);
+    - "subspace": Q·g/‖Q·g‖ with g ~ N(0, I_r), Q = ``basis`` (``draws`` vectors; none if r = 0):
+      a direction uniform on the unit sphere of the training subspace, whatever basis Q is;
+    - "orthogonal": g ~ N(0, I_P) with its projection onto the subspace removed (twice, for
+      numerical orthogonality), normalised: uniform on the sphere of the orthogonal complement
+      (``draws`` vectors; none if the subspace is the whole space).
+    A direction that does not exist is left out (empty list), e.g. "interpolation" when the two
+    networks agree on ``keys``. Draws come from a CPU generator seeded with ``seed``.
+    """
+    theta = _flat(state_from, keys)
     gen = torch.Generator().manual_seed(int(seed))
-    d = _flat(state_b, keys) - theta
+    d = theta - _flat(state_other, keys)
     out = {"interpolation": [_unit(d)] if d.any() else [], "subspace": [], "orthogonal": []}
     for _ in range(draws):
         if basis.shape[1] > 0:
@@ -398,88 +430,50 @@ def perturbation_directions(state_a: dict, state_b: dict, checkpoints: Sequence[
     return out
 
 
-def subspace_perturbations(model: nn.Module, state_a: dict, checkpoints: Sequence[dict],
-                           state_b: dict, data: Data, norms: Sequence[float], draws: int = 3,
-                           seed: int = 0, per_layer: bool = False, splits: Sequence[str] = SPLITS,
-                           batch_size: int = 1000, device="cpu", bn: str = "reset",
-                           log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Loss of θ_A + ε·u for unit directions u inside / outside the training subspace.
+def subspace_perturbations(model: nn.Module, state_a: dict, state_b: dict,
+                           along_training: Sequence[dict], data: Data, norms: Sequence[float],
+                           draws: int = 3, seed: int = 0, per_layer: bool = False,
+                           splits: Sequence[str] = SPLITS, batch_size: int = 1000, device="cpu",
+                           bn: str = "reset", log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Loss of θ_e + ε·u for each endpoint e ∈ {A, B} and unit directions u along the
+    interpolation line (away from the other endpoint), inside the training subspace and
+    orthogonal to it (see :func:`perturbation_directions`).
 
-    ``checkpoints`` are state dicts saved along A's training (real copies of the weights, not
-    references to a live model). Directions (see :func:`perturbation_directions`) live on the
-    floating *parameters* (buffers stay A's). Scope "(all)" (layer_index −1) uses the whole
-    parameter vector; with ``per_layer`` every group ℓ (layer_index ℓ) gets its own directions
-    built from its own parameters only, seeded with derive_seed(seed, scope index) where the
-    scope index is 0 for the whole network and ℓ + 1 for group ℓ. ε = 0 reuses A's evaluation.
+    The training subspace is spanned by ``along_training`` (the weights kept along training of
+    *both* networks, B's aligned like B; real copies, not views of a live model) plus θ_A and
+    θ_B (:func:`training_subspace`). Directions live on the floating *parameters* (buffers
+    stay the endpoint's). Scope "(all)" (layer_index −1) uses the whole parameter vector; with
+    ``per_layer`` every group ℓ (layer_index ℓ) gets its own subspace and directions from its
+    own parameters. Draws are seeded with derive_seed(seed, scope, endpoint) where scope is 0
+    for the whole network and ℓ + 1 for group ℓ, endpoint 0 for A and 1 for B. ε = 0 reuses
+    the endpoint's evaluation.
 
-    Columns: layer, layer_index, direction, draw, norm (= ε), split, loss, error.
+    Columns: layer, layer_index, endpoint (a or b), direction, draw, norm (= ε), split, loss,
+    error.
     """
     ev = _evaluator(model, data, splits, bn, batch_size, device)
-    result_a = ev(state_a)
+    endpoints = {"a": (state_a, state_b), "b": (state_b, state_a)}
+    at_endpoint = {e: ev(states[0]) for e, states in endpoints.items()}
     groups = [(name, _parameter_keys(model, state_a, keys)) for name, keys in layer_groups(model)]
     scopes = [(ALL, -1, [k for _, keys in groups for k in keys])]
     if per_layer:
         scopes += [(name, i, keys) for i, (name, keys) in enumerate(groups) if keys]
     rows = []
     for layer, index, keys in scopes:
-        theta = _flat(state_a, keys)
-        directions = perturbation_directions(state_a, state_b, checkpoints, keys, draws,
-                                             derive_seed(seed, index + 1))
-        for direction, vectors in directions.items():
-            for draw, u in enumerate(vectors):
-                for eps in norms:
-                    moved = {**state_a, **_unflat(theta + eps * u, state_a, keys)} if eps else None
-                    result = ev(moved) if eps else result_a
-                    meta = {"layer": layer, "layer_index": index, "direction": direction,
-                            "draw": draw, "norm": float(eps)}
-                    rows += _rows(meta, result)
-        log(f"subspace perturbations {layer}: {sum(map(len, directions.values()))} directions "
-            f"x {len(norms)} norms")
-    return pd.DataFrame(rows, columns=["layer", "layer_index", "direction", "draw", "norm", "split",
-                                       "loss", "error"])
-
-
-# ------------------------------------------------------------------------------ deep linear toy
-
-
-def linear_toy(minimum_a=(2.0, 0.5), minimum_b=(0.5, 2.0), target=1.0,
-               alphas: Sequence[float] | None = None) -> pd.DataFrame:
-    """Two-layer diagonal linear network f(x) = w2 ⊙ w1 ⊙ x, loss mean((w2 ⊙ w1 − target)²).
-
-    ``minimum_a``/``minimum_b`` are (w1, w2) pairs of scalars or equal-length vectors (one
-    entry per dimension). The defaults (2, ½) and (½, 2) are two global minima related by the
-    rescaling symmetry w1 → c·w1, w2 → w2/c; on the full path w1·w2 = 1.5625 at α = ½
-    (loss ≈ 0.316), a barrier. When only one layer is interpolated the product is linear in α,
-    so the loss is a convex quadratic along the path: no barrier.
-
-    Paths on α ∈ ``alphas`` (default linspace(0, 1, 21)), θ_α = α·A + (1−α)·B per interpolated
-    layer: "full" (both layers, into "both"); "layer1" (only w1; w2 from A for into "a", from B
-    for into "b"); "layer2" (only w2). ``barrier`` is :func:`metrics.barrier` of each path (max
-    over the grid of loss minus the chord between the path's own endpoints), repeated per row.
-
-    Columns: path, into, alpha, loss, barrier.
-    """
-    alphas = np.linspace(0.0, 1.0, 21) if alphas is None else np.asarray(alphas, dtype=np.float64)
-    (a1, a2), (b1, b2) = [tuple(np.atleast_1d(np.asarray(w, dtype=np.float64)) for w in m)
-                          for m in (minimum_a, minimum_b)]
-    target = np.asarray(target, dtype=np.float64)
-
-    def loss(w1, w2):
-        return float(np.mean((w2 * w1 - target) ** 2))
-
-    def lerp(x, y, a):
-        return a * x + (1.0 - a) * y
-
-    paths = {
-        ("full", "both"): lambda a: (lerp(a1, b1, a), lerp(a2, b2, a)),
-        ("layer1", "a"): lambda a: (lerp(a1, b1, a), a2),
-        ("layer1", "b"): lambda a: (lerp(a1, b1, a), b2),
-        ("layer2", "a"): lambda a: (a1, lerp(a2, b2, a)),
-        ("layer2", "b"): lambda a: (b1, lerp(a2, b2, a)),
-    }
-    frames = []
-    for (path, into), weights in paths.items():
-        losses = [loss(*weights(a)) for a in alphas]
-        frames.append(pd.DataFrame({"path": path, "into": into, "alpha": alphas, "loss": losses,
-                                    "barrier": barrier(alphas, losses)}))
-    return pd.concat(frames, ignore_index=True)
+        basis = training_subspace([*along_training, state_a, state_b], keys)
+        for e, (state, other) in endpoints.items():
+            directions = perturbation_directions(state, other, basis, keys, draws,
+                                                 derive_seed(seed, index + 1, "ab".index(e)))
+            theta = _flat(state, keys)
+            variants = [({"layer": layer, "layer_index": index, "endpoint": e, "direction": direction,
+                          "draw": draw, "norm": float(eps)}, theta + eps * u)
+                        for direction, vectors in directions.items()
+                        for draw, u in enumerate(vectors) for eps in norms]
+            moved = iter(ev.many([{**state, **_unflat(v, state, keys)}
+                                  for meta, v in variants if meta["norm"] != 0]))
+            for meta, _ in variants:
+                rows += _rows(meta, at_endpoint[e] if meta["norm"] == 0 else next(moved))
+        log(f"subspace perturbations {layer}: subspace of dimension {basis.shape[1]}, "
+            f"{sum(map(len, directions.values()))} directions x {len(norms)} norms per endpoint")
+    return pd.DataFrame(rows, columns=["layer", "layer_index", "endpoint", "direction", "draw",
+                                       "norm", "split", "loss", "error"])

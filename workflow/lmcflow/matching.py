@@ -39,11 +39,12 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from .data import sample_order
 from .features import capture
-from .models import MLP, VGG, ResNet20
 
 __all__ = [
-    "PermutationSpec", "SpecBuilder", "permutation_spec", "mlp_spec", "vgg_spec", "resnet20_spec",
+    "PermutationSpec", "SpecBuilder", "permutation_spec", "mlp_spec", "lenet_spec", "vgg_spec",
+    "resnet20_spec", "resnet18_spec",
     "SPEC_BUILDERS", "apply_permutation", "identity_permutation", "random_permutation",
     "invert_permutation", "weight_matching", "activation_matching", "matching_objective",
 ]
@@ -65,7 +66,9 @@ class PermutationSpec:
       number of elements;
     * ``features``: group -> module names (keys of ``named_modules()``) whose outputs
       ``(B, n, ...)`` carry the group's units on dim 1 (used by activation matching; the
-      samples of several modules are pooled as extra observations).
+      samples of several modules are pooled as extra observations);
+    * ``feature_dims``: module -> the dim of its output that carries the units, where it is not
+      1: -1 for token tensors ``(B, T, n)`` of transformers.
 
     Derived: ``sizes`` (group -> n), ``groups`` (group -> [(key, axis), ...] in key order)
     and ``cost_keys`` (keys with at least one group, minus BN running stats and
@@ -76,6 +79,7 @@ class PermutationSpec:
     shapes: Mapping[str, tuple[int, ...]]
     reshape: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     features: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    feature_dims: Mapping[str, int] = field(default_factory=dict)
     sizes: dict[str, int] = field(init=False, repr=False, compare=False)
     groups: dict[str, list[tuple[str, int]]] = field(init=False, repr=False, compare=False)
     cost_keys: tuple[str, ...] = field(init=False, repr=False, compare=False)
@@ -109,10 +113,15 @@ class PermutationSpec:
         unknown = sorted(set(features) - set(groups))
         if unknown:
             raise ValueError(f"features listed for unknown groups: {unknown}")
+        feature_dims = {m: int(d) for m, d in self.feature_dims.items()}
+        listed = {m for ms in features.values() for m in ms}
+        if not set(feature_dims) <= listed or not set(feature_dims.values()) <= {1, -1}:
+            raise ValueError(f"feature_dims must give dim 1 or -1 of feature modules: {feature_dims}")
         cost_keys = tuple(k for k, ax in axes.items()
                           if any(g is not None for g in ax) and not k.endswith(NON_COST_SUFFIXES))
         for name, value in (("axes", axes), ("shapes", shapes), ("reshape", reshape),
-                            ("features", features), ("sizes", sizes), ("groups", groups),
+                            ("features", features), ("feature_dims", feature_dims),
+                            ("sizes", sizes), ("groups", groups),
                             ("cost_keys", cost_keys)):
             object.__setattr__(self, name, value)
 
@@ -204,7 +213,7 @@ class SpecBuilder:
                                {g: tuple(m) for g, m in self.features.items()})
 
 
-def mlp_spec(model: MLP) -> PermutationSpec:
+def mlp_spec(model: nn.Module) -> PermutationSpec:
     """``fc{i}`` outputs are ``P_fc{i}``; ``out`` reads the last one."""
     b = SpecBuilder(model)
     prev = None
@@ -217,9 +226,40 @@ def mlp_spec(model: MLP) -> PermutationSpec:
     return b.build()
 
 
-def vgg_spec(model: VGG) -> PermutationSpec:
-    """``features.conv{i}`` (and its BN) outputs are ``P_conv{i}``; the classifier reads the
-    flattened last map, viewed per channel."""
+def _dense_stack(b: SpecBuilder, layers: list[tuple[str, str]], first_from_map: tuple[str, int]
+                 ) -> str:
+    """Hidden Linear layers ``(linear, its ReLU)`` each writing ``P_<linear>``, read by the
+    next; the first reads a flattened map of ``first_from_map = (group, channels)``. Returns
+    the last group."""
+    prev = None
+    for i, (name, relu) in enumerate(layers):
+        group = f"P_{name}"
+        if i == 0:
+            b.dense_from_map(name, group, *first_from_map)
+        else:
+            b.dense(name, group, prev)
+        b.feature(group, relu)
+        prev = group
+    return prev
+
+
+def lenet_spec(model: nn.Module) -> PermutationSpec:
+    """``conv1``/``conv2`` outputs are ``P_conv1``/``P_conv2``; ``fc1`` reads the flattened
+    conv2 map per channel; ``fc1``/``fc2`` write ``P_fc1``/``P_fc2``; ``out`` reads the last."""
+    b = SpecBuilder(model)
+    b.conv("conv1", "P_conv1", None)
+    b.feature("P_conv1", "relu1")
+    b.conv("conv2", "P_conv2", "P_conv1")
+    b.feature("P_conv2", "relu2")
+    prev = _dense_stack(b, [("fc1", "relu3"), ("fc2", "relu4")], ("P_conv2", b.n_out("conv2")))
+    b.dense("out", None, prev)
+    return b.build()
+
+
+def vgg_spec(model: nn.Module) -> PermutationSpec:
+    """``features.conv{i}`` (and its BN) outputs are ``P_conv{i}``; the classifier (the hidden
+    ``classifier.fc{i}``, groups ``P_classifier.fc{i}``, then ``out``) reads the flattened last
+    map, viewed per channel."""
     b = SpecBuilder(model)
     prev = None
     for i in range(1, model.n_conv + 1):
@@ -229,59 +269,99 @@ def vgg_spec(model: VGG) -> PermutationSpec:
             b.norm(f"features.bn{i}", group)
         b.feature(group, f"features.relu{i}")
         prev = group
-    b.dense_from_map("out", None, prev, b.n_out(f"features.conv{model.n_conv}"))
+    last = (prev, b.n_out(f"features.conv{model.n_conv}"))
+    hidden = [(f"classifier.fc{i}", f"classifier.relu{i}") for i in range(1, model.n_hidden + 1)]
+    if hidden:
+        b.dense("out", None, _dense_stack(b, hidden, last))
+    else:
+        b.dense_from_map("out", None, *last)
     return b.build()
 
 
-def _basic_block(b: SpecBuilder, name: str, inp: str, out: str) -> None:
+# the tensor names of a residual block: (conv1, norm1, conv2, norm2, shortcut conv, shortcut norm)
+RESNET20_BLOCK = ("conv1", "norm1", "conv2", "norm2", "shortcut.conv", "shortcut.norm")
+RESNET18_BLOCK = ("conv1", "bn1", "conv2", "bn2", "downsample.0", "downsample.1")
+
+
+def _basic_block(b: SpecBuilder, name: str, inp: str, out: str, keys=RESNET20_BLOCK) -> None:
     """``name`` = ``layer{l}.{j}``: conv1/norm1 -> inner group; conv2/norm2 and the shortcut
     write the residual stream ``out``. Without a shortcut conv the stream passes through
-    unchanged, so ``inp`` must be ``out``."""
+    unchanged, so ``inp`` must be ``out``. A norm without state (nn.Identity) adds nothing."""
+    conv1, norm1, conv2, norm2, sc_conv, sc_norm = (f"{name}.{k}" for k in keys)
     inner = f"P_{name}.inner"
-    b.conv(f"{name}.conv1", inner, inp)
-    b.norm(f"{name}.norm1", inner)
-    b.conv(f"{name}.conv2", out, inner)
-    b.norm(f"{name}.norm2", out)
-    if b.has(f"{name}.shortcut.conv.weight"):
-        b.conv(f"{name}.shortcut.conv", out, inp)
-        b.norm(f"{name}.shortcut.norm", out)
+    b.conv(conv1, inner, inp)
+    b.norm(norm1, inner)
+    b.conv(conv2, out, inner)
+    b.norm(norm2, out)
+    if b.has(f"{sc_conv}.weight"):
+        b.conv(sc_conv, out, inp)
+        b.norm(sc_norm, out)
     elif inp != out:
         raise ValueError(f"{name} has an identity shortcut but changes stream {inp} -> {out}")
     b.feature(inner, f"{name}.relu1")
     b.feature(out, name)
 
 
-def resnet20_spec(model: ResNet20) -> PermutationSpec:
-    """One group per residual stream (``P_res{l}``, the stem writes ``P_res1``) and one per
-    block's inner channels (``P_layer{l}.{j}.inner``); ``fc`` reads ``P_res3``."""
-    b = SpecBuilder(model)
-    stream = "P_res1"
-    b.conv("stem.conv", stream, None)
-    b.norm("stem.norm", stream)
-    b.feature(stream, "stem")
-    stage = 1
+def _residual_stages(b: SpecBuilder, model: nn.Module, keys) -> str:
+    """Blocks of ``layer1``, ``layer2``, …: stage l writes ``P_res{l}`` (stage 1 continues the
+    stem's ``P_res1``); returns the last stream."""
+    stream, stage = "P_res1", 1
     while hasattr(model, f"layer{stage}"):
         out = f"P_res{stage}"
         for j in range(len(getattr(model, f"layer{stage}"))):
-            _basic_block(b, f"layer{stage}.{j}", stream, out)
+            _basic_block(b, f"layer{stage}.{j}", stream, out, keys)
             stream = out
         stage += 1
-    b.dense("fc", None, stream)
+    return stream
+
+
+def resnet20_spec(model: nn.Module) -> PermutationSpec:
+    """One group per residual stream (``P_res{l}``, the stem writes ``P_res1``) and one per
+    block's inner channels (``P_layer{l}.{j}.inner``); ``fc`` reads ``P_res3``."""
+    b = SpecBuilder(model)
+    b.conv("stem.conv", "P_res1", None)
+    b.norm("stem.norm", "P_res1")
+    b.feature("P_res1", "stem")
+    b.dense("fc", None, _residual_stages(b, model, RESNET20_BLOCK))
     return b.build()
 
 
-SPEC_BUILDERS: dict[type, Callable[[nn.Module], PermutationSpec]] = {
-    MLP: mlp_spec, VGG: vgg_spec, ResNet20: resnet20_spec,
+def resnet18_spec(model: nn.Module) -> PermutationSpec:
+    """As ResNet-20 with torchvision's names: the stem ``conv1``/``bn1`` writes ``P_res1``,
+    stage l writes ``P_res{l}`` (its first block maps the stream through ``downsample``),
+    ``P_layer{l}.{j}.inner`` inside each block; ``fc`` reads ``P_res4``."""
+    b = SpecBuilder(model)
+    b.conv("conv1", "P_res1", None)
+    b.norm("bn1", "P_res1")
+    b.feature("P_res1", "relu")
+    b.dense("fc", None, _residual_stages(b, model, RESNET18_BLOCK))
+    return b.build()
+
+
+# model class name -> spec builder (by name: ResNet18 lives in a module that imports torchvision)
+SPEC_BUILDERS: dict[str, Callable[[nn.Module], PermutationSpec]] = {
+    "MLP": mlp_spec, "LeNet": lenet_spec, "VGG": vgg_spec, "ResNet20": resnet20_spec,
+    "ResNet18": resnet18_spec,
 }
 
 
-def permutation_spec(model: nn.Module) -> PermutationSpec:
-    """The spec of ``model``, by its class (see :data:`SPEC_BUILDERS`)."""
-    for cls, builder in SPEC_BUILDERS.items():
-        if isinstance(model, cls):
-            return builder(model)
-    raise TypeError(f"no permutation spec for {type(model).__name__}; "
-                    f"known: {[c.__name__ for c in SPEC_BUILDERS]}")
+def permutation_spec(model: nn.Module, example_input: Tensor | tuple | None = None
+                     ) -> PermutationSpec:
+    """The spec of ``model``: its hand-written builder (by class, see :data:`SPEC_BUILDERS`),
+    else one traced with torch.fx (:func:`lmcflow.tracing.trace_spec`) on ``example_input``,
+    or, without one, on ``torch.zeros(1, *model.in_shape)`` where the model has ``in_shape``
+    (the built-in ViT). Raises TypeError when there is neither a builder nor an input."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in SPEC_BUILDERS and cls.__module__.startswith(__package__):
+            return SPEC_BUILDERS[cls.__name__](model)
+    if example_input is None and getattr(model, "in_shape", None) is not None:
+        example_input = torch.zeros(1, *model.in_shape)
+    if example_input is None:
+        raise TypeError(f"no permutation spec for {type(model).__name__}: no hand-written builder "
+                        f"(known: {sorted(SPEC_BUILDERS)}) and no example input to trace it with")
+    from .tracing import trace_spec  # the tracer builds on this module
+
+    return trace_spec(model, example_input)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,10 +420,43 @@ def apply_permutation(spec: PermutationSpec, perm: Mapping[str, Tensor],
 
 # ---------------------------------------------------------------------------------------------
 # Weight matching.
+#
+# Layout (why it is fast): for group g every cost entry (key, axis) becomes a block of rows of two
+# (R_g, n) matrices, A_g and B_g, holding the tensor with ``axis`` last and the key's *other*
+# grouped axes first (a conv weight (o, i, kh, kw) is stored (i, kh, kw, o) for its output group
+# and (o, kh, kw, i) for its input group). Then g's cost is one matmul, ``A_g^T @ B_g`` (n x n),
+# on contiguous operands. A group's own axis is never permuted in its matrices (the cost is in
+# B's original unit order, as in the reference code); B_g holds the other groups' current
+# permutations on the leading axes, so when group h moves some units, only their rows move in
+# the blocks that lead with h (``index_copy_`` of those rows), and the neighbour's cost, next
+# time it is needed, is updated through those rows alone unless many moved. Only groups whose
+# neighbours changed are solved again; every accepted change is checked by its exact float64
+# gain, read from the moving units' columns.
 
 
 def _cost_tensors(spec: PermutationSpec, state: Mapping[str, Tensor], device) -> dict[str, Tensor]:
-    return {k: spec.view(k, state[k]).to(device=device, dtype=torch.float64) for k in spec.cost_keys}
+    """Cost tensors of ``state`` in their view shapes on ``device``, dtype unchanged."""
+    return {k: spec.view(k, state[k]).to(device) for k in spec.cost_keys}
+
+
+def _chunk(device: torch.device) -> int:
+    """Elements per chunk of float64 temporaries: cache-sized on the CPU (10x faster than
+    chunks of tens of MB), larger on a GPU (fewer kernel launches)."""
+    return 1 << 17 if device.type == "cpu" else 1 << 22
+
+
+def _dot64(a: Tensor, b: Tensor) -> float:
+    """``<a, b>`` with float64 products and sums, in chunks (no float64 copy of whole tensors)."""
+    a, b = a.reshape(-1), b.reshape(-1).to(a.device)
+    chunk = min(_chunk(a.device), a.numel())
+    buf = torch.empty(2, chunk, dtype=torch.float64, device=a.device)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for s in range(0, a.numel(), chunk):
+        k = min(chunk, a.numel() - s)
+        buf[0, :k].copy_(a[s:s + k])
+        buf[1, :k].copy_(b[s:s + k])
+        total += torch.dot(buf[0, :k], buf[1, :k])
+    return float(total)
 
 
 def matching_objective(spec: PermutationSpec, state_a: Mapping[str, Tensor],
@@ -353,90 +466,289 @@ def matching_objective(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     perm = {} if perm is None else perm
     total = 0.0
     for k in spec.cost_keys:
-        a = spec.view(k, state_a[k]).double()
-        b = _permute(spec.view(k, state_b[k]).to(a.device).double(), spec.axes[k], perm)
-        total += float((a * b).sum())
+        a = spec.view(k, state_a[k])
+        b = _permute(spec.view(k, state_b[k]).to(a.device), spec.axes[k], perm)
+        total += _dot64(a, b)
     return total
 
 
-def _flat_axis(t: Tensor, axis: int) -> Tensor:
-    return t.movedim(axis, 0).reshape(t.shape[axis], -1)
+@dataclass
+class _Block:
+    """Rows ``rows`` of a group's matrices: tensor ``key`` with its axes in ``order`` (the
+    group's axis last), reshaped ``(prod(shape[:-1]), n)``; ``others`` = (group, dim) of the
+    layout's other grouped axes, which are its leading dims."""
+
+    key: str
+    rows: slice
+    shape: tuple[int, ...]
+    order: tuple[int, ...]
+    others: tuple[tuple[str, int], ...]
+
+
+@dataclass
+class _Group:
+    """Group g's matrices ``a``, ``b`` (R, n) and its cost ``a^T b`` (n, n) in the matmul
+    dtype once computed (None: to compute).
+
+    ``seen`` holds, per group leading one of its blocks, that group's permutation when
+    ``cost`` was last brought up to date; ``stale`` counts the rows updated since ``cost`` was
+    last computed in full."""
+
+    n: int
+    blocks: list[_Block]
+    a: Tensor
+    b: Tensor
+    cost: Tensor | None = None
+    seen: dict[int, Tensor] = field(default_factory=dict)
+    stale: int = 0
+
+
+def _blocks(spec: PermutationSpec, group: str) -> list[_Block]:
+    blocks, start = [], 0
+    for key, axis in spec.groups[group]:
+        if key not in spec.cost_keys:
+            continue
+        axes, view = spec.axes[key], spec.reshape.get(key, spec.shapes[key])
+        others = [d for d, g in enumerate(axes) if g is not None and d != axis]
+        if group in (axes[d] for d in others):
+            raise ValueError(f"{key}: group {group} acts on two of its axes; weight matching "
+                             f"needs distinct groups on the axes of a tensor")
+        order = tuple(others + [d for d, g in enumerate(axes) if g is None] + [axis])
+        shape = tuple(view[d] for d in order)
+        rows = math.prod(shape[:-1])
+        blocks.append(_Block(key, slice(start, start + rows), shape, order,
+                             tuple((axes[d], i) for i, d in enumerate(others))))
+        start += rows
+    return blocks
+
+
+def _build_groups(spec: PermutationSpec, a_views: Mapping[str, Tensor],
+                  b_views: Mapping[str, Tensor], dtype: torch.dtype, device) -> dict[str, _Group]:
+    groups = {}
+    for g in sorted(spec.groups):
+        blocks = _blocks(spec, g)
+        rows = blocks[-1].rows.stop if blocks else 0
+        a = torch.empty(rows, spec.sizes[g], dtype=dtype, device=device)
+        b = torch.empty_like(a)
+        for blk in blocks:
+            _permuted_copy(a[blk.rows], a_views[blk.key], blk.order)
+            _permuted_copy(b[blk.rows], b_views[blk.key], blk.order)
+        groups[g] = _Group(spec.sizes[g], blocks, a, b)
+    return groups
+
+
+def _permuted_copy(out: Tensor, src: Tensor, order: tuple[int, ...]) -> None:
+    """``out`` (contiguous) = ``src.permute(order)``, with the source dims that stay adjacent
+    merged first: a conv weight's (o, i, kh, kw) -> (i, kh, kw, o) is then a 2-D transpose,
+    several times faster than torch's copy through the 4-D permuted view."""
+    runs: list[list[int]] = []
+    for d in order:
+        if runs and runs[-1][-1] + 1 == d:
+            runs[-1].append(d)
+        else:
+            runs.append([d])
+    by_start = sorted(runs)
+    merged = src.reshape([math.prod(src.shape[d] for d in run) for run in by_start])
+    order = [by_start.index(run) for run in runs]
+    out.view([merged.shape[d] for d in order]).copy_(merged.permute(order))
+
+
+def _rewrite(group: _Group, i: int, h: str, moved: Tensor, source: Tensor) -> None:
+    """Group h, a leading axis of block i, changed: the units now at positions ``moved`` were
+    at positions ``source``; move those rows of ``group.b`` (all of h's axis when the block
+    has several permuted axes, and then the cost is recomputed)."""
+    blk = group.blocks[i]
+    b = group.b[blk.rows].view(blk.shape)
+    if len(blk.others) == 1:
+        b.index_copy_(0, moved, b.index_select(0, source))
+        return
+    dim = next(d for g, d in blk.others if g == h)
+    order = torch.arange(blk.shape[dim], device=moved.device).index_copy_(0, moved, source)
+    b.copy_(b.index_select(dim, order))
+    group.cost = None
+
+
+def _cost(group: _Group, perm: Mapping[str, Tensor], inverse: Mapping[str, Tensor],
+          dtype: torch.dtype) -> Tensor:
+    """``a^T b`` (n, n) in ``dtype``. Where the leading groups of its blocks moved few units
+    since the last call, only the rows of those units enter: ``cost += a_rows^T (b_rows now -
+    b_rows then)`` (the rows then are those of the units seen then, wherever they are now);
+    a full matmul when that would be a third of the rows or more, or the updates since the
+    last full one would exceed all rows (their rounding stays below one full matmul's)."""
+    leads = [(i, blk.others[0][0]) for i, blk in enumerate(group.blocks)
+             if len(blk.others) == 1]
+    moves, rows = {}, 0
+    if group.cost is not None:
+        moves = {h: torch.nonzero(perm[h] != old).view(-1) for h, old in group.seen.items()}
+        for i, h in leads:  # rows of the moved units: rows per unit of h in block i
+            blk = group.blocks[i]
+            rows += len(moves[h]) * (blk.rows.stop - blk.rows.start) // blk.shape[0]
+    n_rows = group.a.shape[0]
+    if group.cost is None or 3 * rows > n_rows or group.stale + rows > n_rows:
+        group.cost, group.stale = torch.mm(group.a.T.to(dtype), group.b.to(dtype)), 0
+    else:
+        for i, h in leads:
+            moved = moves[h]
+            if len(moved):
+                blk, shape = group.blocks[i], (group.blocks[i].shape[0], -1, group.n)
+                a = group.a[blk.rows].view(shape).index_select(0, moved).view(-1, group.n)
+                b = group.b[blk.rows].view(shape)
+                then = inverse[h].index_select(0, group.seen[h].index_select(0, moved))
+                diff = b.index_select(0, moved) - b.index_select(0, then)
+                group.cost.addmm_(a.T.to(dtype), diff.view(-1, group.n).to(dtype))
+        group.stale += rows
+    group.seen = {h: perm[h] for _, h in leads}  # (permutations are replaced, never modified)
+    return group.cost
+
+
+def _exact_gain(a: Tensor, b: Tensor, units: Tensor, new: Tensor, old: Tensor) -> float:
+    """``sum_i <a[:, units_i], b[:, new_i] - b[:, old_i]>`` in float64: the exact change of the
+    objective when the units ``units`` of A are matched to ``new`` instead of ``old``. Only the
+    changed columns are read, in row chunks through preallocated buffers (fresh temporaries
+    cost more than the arithmetic here)."""
+    m = len(units)
+    step = min(max(1, _chunk(a.device) // m), a.shape[0])
+    gathered = torch.empty(3, step, m, dtype=a.dtype, device=a.device)
+    wide = torch.empty(3, step, m, dtype=torch.float64, device=a.device)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for r in range(0, a.shape[0], step):
+        k = min(step, a.shape[0] - r)
+        torch.index_select(a[r:r + k], 1, units, out=gathered[0, :k])
+        torch.index_select(b[r:r + k], 1, new, out=gathered[1, :k])
+        torch.index_select(b[r:r + k], 1, old, out=gathered[2, :k])
+        w = wide[:, :k].copy_(gathered[:, :k])
+        w[1].sub_(w[2])
+        total += torch.dot(w[0].view(-1), w[1].view(-1))
+    return float(total)
 
 
 def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
                     state_b: Mapping[str, Tensor], max_sweeps: int = 100, seed: int = 0,
-                    log: Callable[[str], None] | None = None) -> tuple[dict[str, Tensor], dict]:
+                    log: Callable[[str], None] | None = None, dtype: torch.dtype = torch.float32,
+                    device=None) -> tuple[dict[str, Tensor], dict]:
     """Permutation of B maximising ``sum_k <A[k], perm(B)[k]>`` by coordinate ascent.
 
     Starting from the identity, each sweep visits every group once, in an order drawn from a
     generator seeded with ``seed``; for group P, with all other groups fixed,
     ``C = sum_{(k, axis) in P} A_k(axis first, flattened) @ B'_k(axis first, flattened)^T``
     (``B'`` = B with the other groups' current permutations) is a linear assignment problem
-    solved exactly (``scipy.optimize.linear_sum_assignment``). P changes only if that
-    improves ``<C, P>`` by more than 1e-12 relative, so the objective never decreases.
-    Stops after a sweep without improvement or ``max_sweeps`` sweeps.
+    solved exactly (``scipy.optimize.linear_sum_assignment`` on the CPU). A group is solved
+    again only once a group sharing a tensor with it has changed (otherwise its C, hence its
+    answer, is the same). Stops after a sweep without change or ``max_sweeps`` sweeps.
 
-    Costs are float64 on ``state_a``'s device; only the n x n matrices go to the CPU.
+    C is computed in ``dtype`` (float32 by default, float64 for the reference computation),
+    one matmul per group on ``device`` (default: ``state_a``'s). P changes only if the change
+    of the objective, recomputed exactly in float64 from the weights of the units that move,
+    exceeds 1e-12 of the assignment's value, so the objective never decreases; the objective
+    is evaluated in float64 at the start and updated by these exact changes.
+
     Returns ``(perm, info)``: perm maps B onto A (``apply_permutation(spec, perm, state_b)``
     is the aligned B), long tensors on the CPU; ``info = {"objective": final objective,
     "sweeps": sweeps run, "history": objective at start and after each sweep,
-    "seconds": wall time, "seconds_cost"/"seconds_assignment": time building the cost
-    matrices / solving the assignments}``.
+    "seconds": wall time, "seconds_cost"/"seconds_assignment"/"seconds_update": time building
+    the cost matrices / solving the assignments / applying accepted changes (exact gain and
+    permuted copies), "sweep_seconds": wall time of each sweep, "solves": assignments solved,
+    "dtype", "device"}``.
     """
     start_time = time.perf_counter()
     spec.check_state(state_a)
     spec.check_state(state_b)
     if not spec.cost_keys:
         raise ValueError("the spec has no permuted tensors")
-    device = state_a[spec.cost_keys[0]].device
-    A = _cost_tensors(spec, state_a, device)
-    B = _cost_tensors(spec, state_b, device)
-    cost_set = set(spec.cost_keys)
-    names = sorted(spec.groups)
-    perm = {g: torch.arange(spec.sizes[g], device=device) for g in names}
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating point type, got {dtype}")
+    device = torch.device(state_a[spec.cost_keys[0]].device if device is None else device)
+    A, B = _cost_tensors(spec, state_a, device), _cost_tensors(spec, state_b, device)
+    # Stored in a dtype that holds the weights exactly, so that gains are exact; the matmul
+    # runs in ``dtype`` (a float64 state with float32 costs is converted at every matmul).
+    store = dtype
+    for t in (*A.values(), *B.values()):
+        store = torch.promote_types(store, t.dtype)
+    groups = _build_groups(spec, A, B, store, device)
+    names = sorted(groups)
+    users = {g: [] for g in names}  # group -> blocks (group, index) that lead with it
+    for g, grp in groups.items():
+        for i, blk in enumerate(grp.blocks):
+            for h, _ in blk.others:
+                users[h].append((g, i))
+    perm = {g: np.arange(spec.sizes[g]) for g in names}
+    perm_dev = {g: torch.arange(spec.sizes[g], device=device) for g in names}
+    inverse = dict(perm_dev)  # positions of B's units
     gen = torch.Generator().manual_seed(int(seed))
-
-    def objective() -> float:
-        return float(sum((A[k] * _permute(B[k], spec.axes[k], perm)).sum() for k in spec.cost_keys))
-
-    history = [objective()]
-    seconds_cost = seconds_assignment = 0.0
+    objective = sum(_dot64(A[k], B[k]) for k in spec.cost_keys)
+    del A, B
+    history, sweep_seconds = [objective], []
+    seconds = {"cost": 0.0, "assignment": 0.0, "update": 0.0}
+    solves = 0
+    dirty = {g for g in names if groups[g].a.shape[0]}
     if log:
-        log(f"weight matching: {len(names)} groups, start objective {history[0]:.6g}")
+        log(f"weight matching: {len(names)} groups, {dtype} costs on {device}, "
+            f"start objective {objective:.6g}")
     sweeps = 0
     for sweeps in range(1, int(max_sweeps) + 1):
-        changed = []
+        tic_sweep, changed = time.perf_counter(), []
         for gi in torch.randperm(len(names), generator=gen).tolist():
             group = names[gi]
-            n = spec.sizes[group]
+            if group not in dirty:
+                continue
+            dirty.discard(group)
+            solves += 1
+            solved = _solve(groups[group], perm[group], perm_dev, inverse, dtype, seconds)
+            if solved is None:
+                continue
             tic = time.perf_counter()
-            cost = torch.zeros(n, n, dtype=torch.float64, device=device)
-            for key, axis in spec.groups[group]:
-                if key not in cost_set:
-                    continue
-                b = _permute(B[key], spec.axes[key], perm, skip=axis)
-                cost += _flat_axis(A[key], axis) @ _flat_axis(b, axis).T
-            c = cost.cpu().numpy()
-            toc = time.perf_counter()
-            _, cols = linear_sum_assignment(c, maximize=True)
-            seconds_cost += toc - tic
-            seconds_assignment += time.perf_counter() - toc
-            rows = np.arange(n)
-            old = float(c[rows, perm[group].cpu().numpy()].sum())
-            new = float(c[rows, cols].sum())
-            if new - old > 1e-12 * max(abs(old), abs(new)):
-                perm[group] = torch.from_numpy(cols).to(device=device, dtype=torch.long)
-                changed.append(group)
-        history.append(objective())
+            cols, gain, moved = solved
+            objective += gain
+            perm[group] = cols
+            perm_dev[group] = torch.from_numpy(cols).to(device)
+            moved = torch.from_numpy(moved).to(device)
+            source = inverse[group].index_select(0, perm_dev[group].index_select(0, moved))
+            inverse[group] = torch.from_numpy(np.argsort(cols)).to(device)
+            for g, i in users[group]:
+                _rewrite(groups[g], i, group, moved, source)
+                dirty.add(g)
+            changed.append(group)
+            seconds["update"] += time.perf_counter() - tic
+        history.append(objective)
+        sweep_seconds.append(time.perf_counter() - tic_sweep)
         if log:
-            log(f"weight matching sweep {sweeps}: objective {history[-1]:.6g}, "
+            log(f"weight matching sweep {sweeps}: objective {objective:.6g}, "
                 f"{len(changed)}/{len(names)} groups changed")
         if not changed:
             break
-    info = {"objective": history[-1], "sweeps": sweeps, "history": history,
-            "seconds": time.perf_counter() - start_time, "seconds_cost": seconds_cost,
-            "seconds_assignment": seconds_assignment}
-    return {g: p.cpu() for g, p in perm.items()}, info
+    info = {"objective": objective, "sweeps": sweeps, "history": history,
+            "seconds": time.perf_counter() - start_time, "seconds_cost": seconds["cost"],
+            "seconds_assignment": seconds["assignment"], "seconds_update": seconds["update"],
+            "sweep_seconds": sweep_seconds, "solves": solves, "dtype": str(dtype).split(".")[-1],
+            "device": str(device)}
+    return {g: torch.from_numpy(p).long() for g, p in perm.items()}, info
+
+
+def _solve(group: _Group, current: np.ndarray, perm: Mapping[str, Tensor],
+           inverse: Mapping[str, Tensor], dtype: torch.dtype, seconds: dict
+           ) -> tuple[np.ndarray, float, np.ndarray] | None:
+    """Best assignment for ``group``, its exact gain over ``current`` and the positions that
+    move; None unless the assignment is a strict improvement (then ``current`` stays)."""
+    tic = time.perf_counter()
+    c = _cost(group, perm, inverse, dtype).to("cpu", torch.float64).numpy()  # B's unit order
+    toc = time.perf_counter()
+    _, cols = linear_sum_assignment(c, maximize=True)
+    seconds["cost"] += toc - tic
+    seconds["assignment"] += time.perf_counter() - toc
+    moved = np.flatnonzero(cols != current)
+    if not len(moved):
+        return None
+    rows = np.arange(group.n)
+    old, new = float(c[rows, current].sum()), float(c[rows, cols].sum())
+    if not new > old:
+        return None
+    tic = time.perf_counter()
+    idx = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(group.a.device)  # noqa: E731
+    gain = _exact_gain(group.a, group.b, idx(moved), idx(cols[moved]), idx(current[moved]))
+    seconds["update"] += time.perf_counter() - tic
+    if not gain > 1e-12 * max(abs(old), abs(new)):
+        return None
+    return cols, gain, moved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,48 +786,55 @@ class _Moments:
         return cov / (torch.outer(std_a, std_b) + eps)
 
 
-def _as_observations(feats: Tensor, n: int) -> Tensor:
-    """Hooked output flattened ``(B, n*S)`` (NC... layout) -> ``(B*S, n)``."""
+def _as_observations(feats: Tensor, n: int, dim: int = 1) -> Tensor:
+    """Hooked output flattened ``(B, n*S)`` -> ``(B*S, n)``: units on dim 1 (NC... layout) or,
+    with ``dim=-1``, last ((B, T, n) tokens: the units vary fastest)."""
     batch = feats.shape[0]
     if feats.shape[1] % n:
         raise ValueError(f"feature width {feats.shape[1]} is not a multiple of {n} units")
+    if dim == -1:
+        return feats.reshape(-1, n)
     return feats.reshape(batch, n, -1).transpose(1, 2).reshape(-1, n)
 
 
 @torch.no_grad()
 def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None,
                         data, num_batches: int, batch_size: int, cost: str = "correlation",
-                        device="cpu", log: Callable[[str], None] | None = None
+                        device="cpu", log: Callable[[str], None] | None = None, seed: int = 0
                         ) -> tuple[dict[str, Tensor], dict]:
     """Match every group's units by the similarity of their activations on training data.
 
-    Both models run in eval mode (BN with running stats) on
-    ``data.train_x[:num_batches * batch_size]`` in order, normalized with
-    ``data.normalize``. The outputs of the modules in ``spec.features[group]`` (post-ReLU
-    features; conv maps count every spatial position as an observation, several modules of a
-    group count as extra observations) are accumulated in one streaming float64 pass (sums,
-    sums of squares, cross products). Each group is then one linear assignment maximising
-    the Pearson correlation (``cost="correlation"``) or the inner product
-    (``"inner_product"``) between A's unit i and B's unit perm[i].
+    Both models run in eval mode (BN with running stats) on ``num_batches * batch_size``
+    training images taken in the seeded shuffled order ``data.sample_order(n, seed)`` (stored
+    datasets may be sorted by class), normalized with ``data.normalize``. The outputs of the
+    modules in ``spec.features[group]`` (post-ReLU features; conv maps count every spatial
+    position as an observation, token tensors every token, several modules of a group count as
+    extra observations) are accumulated in one streaming float64 pass (sums, sums of squares,
+    cross products). Each group is then one linear assignment maximising the Pearson
+    correlation (``cost="correlation"``) or the inner product (``"inner_product"``) between A's
+    unit i and B's unit perm[i]. A group without feature modules (a traced spec's attention
+    heads) keeps the identity: listed in ``info["unmatched"]``.
 
     The models are moved to ``device``; their train/eval mode is restored afterwards.
     Returns ``(perm, info)`` with perm as in :func:`weight_matching` and
     ``info = {"objective": mean matched cost over all units, "sweeps": 0,
-    "per_group": {group: mean matched cost}, "samples": images used}``.
+    "per_group": {group: mean matched cost}, "samples": images used, "unmatched": groups}``.
     """
     if cost not in ("correlation", "inner_product"):
         raise ValueError(f"cost must be 'correlation' or 'inner_product', got {cost!r}")
     spec = permutation_spec(model_a) if spec is None else spec
-    missing = sorted(set(spec.groups) - set(spec.features))
-    if missing:
-        raise ValueError(f"spec has no feature modules for groups {missing}")
-    x_all = data.train_x[: int(num_batches) * int(batch_size)]
+    unmatched = sorted(set(spec.groups) - set(spec.features))
+    if unmatched and log:
+        log(f"activation matching: no feature modules for {unmatched}; they keep the identity")
+    if len(unmatched) == len(spec.groups):
+        raise ValueError(f"spec has no feature modules for any group ({unmatched})")
+    x_all = data.train_x[sample_order(len(data.train_x), seed)[: int(num_batches) * int(batch_size)]]
     if len(x_all) == 0:
         raise ValueError("no training samples (num_batches * batch_size == 0)")
     modes = (model_a.training, model_b.training)
     model_a.to(device).eval()
     model_b.to(device).eval()
-    names = sorted(spec.groups)
+    names = sorted(set(spec.groups) - set(unmatched))
     layers = sorted({m for g in names for m in spec.features[g]})
     moments = {g: _Moments(spec.sizes[g], device) for g in names}
     try:
@@ -527,8 +846,9 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
                 for g in names:
                     n = spec.sizes[g]
                     for module in spec.features[g]:
-                        moments[g].update(_as_observations(store_a[module], n),
-                                          _as_observations(store_b[module], n))
+                        dim = spec.feature_dims.get(module, 1)
+                        moments[g].update(_as_observations(store_a[module], n, dim),
+                                          _as_observations(store_b[module], n, dim))
                 if log:
                     log(f"activation matching: batch {i}, {start + len(x)}/{len(x_all)} samples")
     finally:
@@ -543,8 +863,9 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
         per_group[g] = float(matched.mean())
         total += float(matched.sum())
         units += len(cols)
+    perm |= {g: torch.arange(spec.sizes[g]) for g in unmatched}
     info = {"objective": total / units, "sweeps": 0, "per_group": per_group,
-            "samples": int(len(x_all))}
+            "samples": int(len(x_all)), "unmatched": unmatched}
     if log:
         log(f"activation matching ({cost}): mean matched {info['objective']:.6g}")
     return perm, info

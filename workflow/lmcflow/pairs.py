@@ -38,14 +38,23 @@ def spawned_runs(seed: int, pair: int) -> tuple[str, str]:
 
 
 def _permuted(run_a: dict, run_b: dict, setting: dict, device, log, match) -> tuple[dict, dict]:
-    """Shared part of the permutation methods: rebuild models, match, apply π to B."""
+    """Shared part of the permutation methods: rebuild models, check that the permutation spec
+    keeps A's function (a seeded random permutation through it changes no output; otherwise the
+    job stops naming the tensor that breaks it), match, apply π to B."""
+    import torch
+
     from . import jobs
     from .matching import apply_permutation, permutation_spec
+    from .tracing import check_equivalence
 
     model_a, model_b = jobs.build(run_a["spec"], device), jobs.build(run_b["spec"], device)
     model_a.load_state_dict(run_a["model"])
     model_b.load_state_dict(run_b["model"])
     spec = permutation_spec(model_a)
+    example = torch.randn(4, *model_a.in_shape, generator=torch.Generator().manual_seed(0))
+    check = check_equivalence(model_a, spec, example.to(device))
+    log(f"permutation spec: {len(spec.groups)} groups; a random permutation through it keeps the "
+        f"outputs (max relative change {check['max_rel_error']:.1e})")
     perm, info = match(spec, model_a, model_b)
     state_b = apply_permutation(spec, perm, {k: v.to(device) for k, v in run_b["model"].items()})
     log(f"matched {len(perm)} groups: objective {info['objective']:.6g}, sweeps {info['sweeps']}")
@@ -69,7 +78,7 @@ def activation_matching_align(run_a, run_b, setting, device="cpu", log=print):
     m, data = setting["matching"], jobs.load_dataset(**setting["data"])
     return _permuted(run_a, run_b, setting, device, log, lambda spec, a, b: activation_matching(
         a, b, spec, data, num_batches=m["batches"], batch_size=m["batch_size"], cost=m["cost"],
-        device=device, log=log))
+        device=device, log=log, seed=m["seed"]))
 
 
 METHODS: dict[str, Method] = {

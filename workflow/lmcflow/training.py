@@ -29,14 +29,7 @@ from torch import nn
 from .config import TrainSetting
 from .data import Data
 from .io import load_torch, save_torch
-
-
-def derive_seed(*keys: int) -> int:
-    """A 32-bit seed from a tuple of integers (numpy SeedSequence: well mixed, reproducible).
-
-    The key count goes first because SeedSequence zero-pads: (s,) and (s, 0) must differ.
-    """
-    return int(np.random.SeedSequence([len(keys), *map(int, keys)]).generate_state(1)[0])
+from .seeds import derive_seed  # noqa: F401  (re-exported: training's seeds are derived ones)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -184,6 +177,45 @@ def run_training(model: nn.Module, data: Data, s: TrainSetting, *, noise_seed: i
         save_torch(checkpoint(model, opt, epoch, meta), _ckpt_path(ckpt_dir, epoch))
         _prune(ckpt_dir, keep={epoch, *s.checkpoint_epochs})
     return copy.deepcopy(checkpoint(model, opt, epoch, meta))
+
+
+STATE_KEYS = ("model", "state_dict", "model_state_dict")  # where checkpoints keep the weights
+UNKNOWN_EPOCH = -1  # the epoch of an endpoint read from a file that does not say
+
+
+def load_run(path: str | Path, device="cpu") -> dict:
+    """A training run's final weights as this workflow's runs hold them: ``{"model": state
+    dict, "epoch", "history": epoch -> state dict, ...}``.
+
+    Reads our own ``final.pt`` as it is, and a file a user brings: a state dict, or a checkpoint
+    holding one under "model", "state_dict" or "model_state_dict" (a "module." prefix that
+    DataParallel adds is dropped); its epoch is UNKNOWN_EPOCH and it has no history.
+    """
+    obj = load_torch(path, device)
+    if isinstance(obj, dict) and "history" in obj and "model" in obj:
+        run = obj
+    else:
+        state = next((obj[k] for k in STATE_KEYS if isinstance(obj, dict) and isinstance(
+            obj.get(k), dict)), obj)
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(f"{path} holds no state dict (a dict of tensors, or one under "
+                             f"{', '.join(STATE_KEYS)}); save torch.save(model.state_dict(), path)")
+        if all(k.startswith("module.") for k in state):
+            state = {k[len("module."):]: v for k, v in state.items()}
+        run = {"model": state, "epoch": UNKNOWN_EPOCH, "history": {}}
+    return run
+
+
+def check_fits(state: dict, model: nn.Module, path: str | Path) -> None:
+    """Raise naming the missing, unexpected or misshapen keys unless ``state`` loads into
+    ``model``."""
+    want = model.state_dict()
+    missing, extra = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
+    shapes = sorted(k for k in want.keys() & state.keys() if want[k].shape != state[k].shape)
+    if missing or extra or shapes:
+        raise ValueError(f"{path} does not fit the configured model {type(model).__name__}: "
+                         f"missing {missing[:5]}, unexpected {extra[:5]}, other shapes {shapes[:5]}"
+                         "; check experiments.<name>.model in the config")
 
 
 def kept_weights(meta: dict, ckpt_dir: str | Path) -> dict[int, dict]:

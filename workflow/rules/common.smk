@@ -1,35 +1,44 @@
 # Config validation (once, at load) and the input/params helpers of every rule.
-# Results layout:
-#   results/{experiment}/runs/{run}/final.pt           training runs (see lmcflow.pairs)
-#   results/{experiment}/pairs/{method}/{pair}/...     endpoints, lmc, features, llfc
-#   results/tables/{table}.parquet, results/figures/fig*.pdf
+# Results layout, under the config's own root (`results:`, default results/):
+#   {root}/{experiment}/runs/{run}/final.pt           training runs (see lmcflow.pairs)
+#   {root}/{experiment}/pairs/{method}/{pair}/...     endpoints, lmc, features, llfc
+#   {root}/tables/{table}.parquet, {root}/figures/fig*.pdf, {root}/logs/, {root}/benchmarks/
+import hashlib
 import os
 import sys
 
+# The package is imported here from its folder (no install step needed); jobs run scripts in
+# fresh interpreters, which find it through scripts/_path.py.
 sys.path.insert(0, os.path.join(workflow.basedir, "workflow"))
-# Jobs run scripts in fresh interpreters (locally, on SLURM, in conda envs): they find the
-# package through PYTHONPATH, so no install step is needed to run the workflow.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [os.path.join(workflow.basedir, "workflow"), os.environ.get("PYTHONPATH", "")]
-).rstrip(os.pathsep)
 
-from lmcflow.config import ConfigError, validate
+from lmcflow.config import ConfigError, canonical, validate
 from lmcflow.pairs import METHODS, PERMUTATION_METHODS, get_method, pair_index, pair_name
-from lmcflow.training import derive_seed
+from lmcflow.seeds import derive_seed
 
 try:
     validate(config)
 except ConfigError as err:
     raise WorkflowError(f"{err}\nFix it in the config file (see README: configuration).") from None
 
+ROOT = config["results"].rstrip("/")
 EXPERIMENTS = config["experiments"]
 LAYERWISE = any(e["layerwise"]["enabled"] for e in EXPERIMENTS.values())
-FIGURES = [f"results/figures/fig{n}.pdf" for n in range(1, 12 if LAYERWISE else 7)]
+
+
+def results(path):
+    """`path` (with wildcards) under this config's output root."""
+    return f"{ROOT}/{path}"
+
+
+FIGURES = [results(f"figures/fig{n}.pdf")
+           for n in (*range(1, 7), *(range(7, 12) if LAYERWISE else ()), 12)]
 ENV = "../../envs/lmcflow.yaml"
 
 
+# experiment: the schema's name pattern, not an alternation of every name (matching a path
+# against 100 alternatives per rule made planning a large sweep slow)
 wildcard_constraints:
-    experiment="|".join(map(re.escape, EXPERIMENTS)),
+    experiment=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     method="|".join(METHODS),
     pair=r"pair\d+",
     seed=r"\d+",
@@ -39,12 +48,29 @@ wildcard_constraints:
 PACKAGE = os.path.join(workflow.basedir, "workflow", "lmcflow")
 
 
+# what every torch job imports through lmcflow.jobs
+TORCH_JOB = ("jobs", "logs", "config", "io", "data", "models", "resnet18", "vit", "training",
+             "seeds")
+
+
+_DIGESTS = {}
+
+
+def _digest(module):
+    if module not in _DIGESTS:
+        with open(os.path.join(PACKAGE, f"{module}.py"), "rb") as fh:
+            _DIGESTS[module] = hashlib.sha256(fh.read()).hexdigest()[:16]
+    return _DIGESTS[module]
+
+
 def code(*modules):
-    """The package modules a rule's script imports, as inputs: editing one re-runs the rule
-    (Snakemake's code trigger follows only the script file itself). Every script imports jobs,
-    which brings config, io, data, models and training."""
-    base = ("__init__", "jobs", "config", "io", "data", "models", "training")
-    return [os.path.join(PACKAGE, f"{m}.py") for m in (*base, *modules)]
+    """A digest of the package modules a rule's script imports, as a param of the rule, so
+    a changed module re-runs the rules that import it (Snakemake's code trigger follows only
+    the script file itself), an unchanged one (touched, checked out again) re-runs nothing.
+    Torch jobs name TORCH_JOB too; table and figure jobs import only their few torch-free
+    modules. (A param, not a list of input files: planning a large sweep checks every input of
+    every job, and this is one string per rule.)"""
+    return " ".join(f"{m}:{_digest(m)}" for m in ("__init__", *modules))
 
 
 def exp(wildcards):
@@ -68,11 +94,13 @@ def all_pairs():
 
 def pair_files(filename, layerwise=False):
     """`filename` in every pair directory (with layerwise=True: of experiments that enable it)."""
-    return [f"results/{e}/pairs/{m}/{p}/{filename}" for e, m, p in all_pairs()
+    return [results(f"{e}/pairs/{m}/{p}/{filename}") for e, m, p in all_pairs()
             if not layerwise or EXPERIMENTS[e]["layerwise"]["enabled"]]
 
 
 # ------------------------------------------------------------------ params: one experiment's values
+# Every params value goes through canonical() (keys sorted at every level): Snakemake compares
+# params by their repr, so the same config with its keys in another order plans nothing.
 
 
 def run_params(kind):
@@ -89,37 +117,35 @@ def run_params(kind):
         elif kind == "child":
             run["noise_seed"] = derive_seed(seed, int(wildcards.child) + 1)
             run["spawn_epoch"] = e["spawn_epoch"]
-        return run
+        return canonical(run)
 
     return params
 
 
 def pair_params(wildcards):
-    """What making a pair depends on beyond its runs: matching settings (and data for AM)."""
+    """What making a pair depends on beyond its runs: matching settings and data (for AM), and
+    the model for endpoints a user brings (the workflow's own runs carry theirs)."""
     e = exp(wildcards)
-    return {"data": e["data"], "device": e["device"], "matching": e["matching"]}
+    own = {"model": e["model"]} if "runs" in e else {}
+    return canonical({"data": e["data"], "device": e["device"], "matching": e["matching"], **own})
 
 
-def lmc_params(wildcards):
+def analysis_params(wildcards):
+    """What a pair's LMC, LLFC and mechanisms depend on beyond the pair."""
     e = exp(wildcards)
-    return {"data": e["data"], "device": e["device"], "lmc": e["lmc"]}
-
-
-def probe_params(wildcards):
-    """What the probe-set analyses (features, mechanisms) depend on."""
-    e = exp(wildcards)
-    return {"data": e["data"], "device": e["device"], "bn": e["lmc"]["bn"], "llfc": e["llfc"],
-            "seed": e["seed"]}
+    return canonical({"data": e["data"], "device": e["device"], "lmc": e["lmc"], "llfc": e["llfc"],
+                      "seed": e["seed"]})
 
 
 def layerwise_params(wildcards):
     e = exp(wildcards)
-    return {"data": e["data"], "device": e["device"], "layerwise": e["layerwise"], "seed": e["seed"]}
+    return canonical({"data": e["data"], "device": e["device"], "layerwise": e["layerwise"],
+                      "seed": e["seed"]})
 
 
 def get_layerwise_input(wildcards):
     """The pair's endpoints, its runs (for the weights kept along training) and π if any."""
-    pair = f"results/{wildcards.experiment}/pairs/{wildcards.method}/{wildcards.pair}"
+    pair = results(f"{wildcards.experiment}/pairs/{wildcards.method}/{wildcards.pair}")
     files = {"a": f"{pair}/model_a.pt", "b": f"{pair}/model_b.pt", "info": f"{pair}/pair.json"}
     runs = get_make_pair_input(wildcards)
     files |= {"run_a": runs["a"], "run_b": runs["b"]}
@@ -129,7 +155,10 @@ def get_layerwise_input(wildcards):
 
 
 def get_make_pair_input(wildcards):
+    """The two runs of a pair: trained by the workflow, or the files the config names (runs:)."""
     e = exp(wildcards)
+    if "runs" in e:
+        return {"a": e["runs"]["a"], "b": e["runs"]["b"]}
     run_a, run_b = get_method(wildcards.method).endpoints(e["seed"], pair_index(wildcards.pair))
-    root = f"results/{wildcards.experiment}/runs"
+    root = results(f"{wildcards.experiment}/runs")
     return {"a": f"{root}/{run_a}/final.pt", "b": f"{root}/{run_b}/final.pt"}

@@ -1,6 +1,6 @@
 # Cross-experiment tables (one long Parquet file per analysis) and the figures drawn from them.
 
-PAIR_TABLES = ["lmc", "llfc", "weak_additivity", "commutativity"]  # concatenated per-pair files
+PAIR_TABLES = ["lmc", "llfc", "weak_additivity", "commutativity", "stitching"]  # per-pair files
 LAYERWISE_TABLES = ["layer_barriers", "cumulative_barriers", "layer_robustness", "subspace"]
 TABLE_OF_FIGURE = {
     "fig1": "lmc",
@@ -14,7 +14,11 @@ TABLE_OF_FIGURE = {
     "fig9": "layer_robustness",
     "fig10": "subspace",
     "fig11": "linear_toy",
+    "fig12": "stitching",
 }
+
+
+TABLE_CODE = code("logs", "io", "report", "barriers")  # torch-free
 
 
 rule table:
@@ -22,54 +26,58 @@ rule table:
         tables=lambda wildcards: pair_files(
             f"{wildcards.table}.parquet", layerwise=wildcards.table in LAYERWISE_TABLES
         ),
-        code=code(),
+    params:
+        code=TABLE_CODE,
     output:
-        report(
-            "results/tables/{table}.parquet",
-            caption="../report/table.rst",
-            category="Tables",
-        ),
+        parquet=results("tables/{table}.parquet"),
+        html=report(results("tables/{table}.html"), caption="../report/table.rst", category="Tables",
+                    labels={"table": "{table}"}),
     wildcard_constraints:
-        table="|".join(PAIR_TABLES + LAYERWISE_TABLES),
+        table="|".join(t for t in PAIR_TABLES + LAYERWISE_TABLES if t != "lmc"),
     log:
-        "logs/tables/{table}.log",
+        results("logs/tables/{table}.log"),
     benchmark:
-        "results/benchmarks/tables/{table}.tsv"
+        results("benchmarks/tables/{table}.tsv")
     conda:
         ENV
     script:
         "../scripts/table.py"
 
 
-rule alignment_table:
+use rule table as lmc_table with:
     input:
-        "results/tables/lmc.parquet",
-        code=code("figures", "metrics"),
+        tables=pair_files("lmc.parquet"),
+    params:
+        code=TABLE_CODE,
     output:
-        "results/tables/alignment.parquet",
+        parquet=results("tables/lmc.parquet"),
+        html=report(results("tables/lmc.html"), caption="../report/table.rst", category="Tables",
+                    labels={"table": "lmc"}),
+        alignment=results("tables/alignment.parquet"),
+        alignment_html=report(results("tables/alignment.html"), caption="../report/table.rst",
+                              category="Tables", labels={"table": "alignment"}),
     log:
-        "logs/tables/alignment.log",
+        results("logs/tables/lmc.log"),
     benchmark:
-        "results/benchmarks/tables/alignment.tsv"
-    conda:
-        ENV
-    script:
-        "../scripts/alignment_table.py"
+        results("benchmarks/tables/lmc.tsv")
 
 
 rule figure:
     input:
-        lambda wildcards: f"results/tables/{TABLE_OF_FIGURE[wildcards.fig]}.parquet",
-        code=code("figures", "metrics"),
+        lambda wildcards: results(f"tables/{TABLE_OF_FIGURE[wildcards.fig]}.parquet"),
+    params:
+        code=code("logs", "io", "figures", "barriers"),
     output:
-        pdf=report("results/figures/{fig}.pdf", caption="../report/figure.rst", category="Figures"),
-        png="results/figures/{fig}.png",
+        pdf=report(results("figures/{fig}.pdf"), caption="../report/figure.rst", category="Figures",
+                   labels={"figure": "{fig}", "file": "PDF"}),
+        png=report(results("figures/{fig}.png"), caption="../report/figure.rst", category="Figures",
+                   labels={"figure": "{fig}", "file": "PNG"}),
     wildcard_constraints:
         fig="|".join(TABLE_OF_FIGURE),
     log:
-        "logs/figures/{fig}.log",
+        results("logs/figures/{fig}.log"),
     benchmark:
-        "results/benchmarks/figures/{fig}.tsv"
+        results("benchmarks/figures/{fig}.tsv")
     conda:
         ENV
     script:

@@ -5,21 +5,22 @@
 rule layerwise:
     input:
         unpack(get_layerwise_input),
-        code=code("layerwise", "interpolation", "matching", "metrics", "features"),
     output:
         layer_barriers=f"{PAIR}/layer_barriers.parquet",
         cumulative_barriers=f"{PAIR}/cumulative_barriers.parquet",
         layer_robustness=f"{PAIR}/layer_robustness.parquet",
         subspace=f"{PAIR}/subspace.parquet",
     params:
+        code=code(*TORCH_JOB, "layerwise", "interpolation", "repair", "matching", "tracing",
+                  "metrics", "barriers", "features"),
         setting=layerwise_params,
     threads: heavy_threads
     resources:
         gpu=gpus,
     log:
-        "logs/{experiment}/pairs/{method}/{pair}/layerwise.log",
+        results("logs/{experiment}/pairs/{method}/{pair}/layerwise.log"),
     benchmark:
-        "results/benchmarks/{experiment}/layerwise/{method}-{pair}.tsv"
+        results("benchmarks/{experiment}/layerwise/{method}-{pair}.tsv")
     conda:
         ENV
     script:
@@ -27,14 +28,16 @@ rule layerwise:
 
 
 rule linear_toy:
-    input:
-        code=code("layerwise", "interpolation", "metrics"),
+    params:
+        code=code("logs", "io", "toy", "report"),
     output:
-        "results/tables/linear_toy.parquet",
+        parquet=results("tables/linear_toy.parquet"),
+        html=report(results("tables/linear_toy.html"), caption="../report/table.rst",
+                    category="Tables", labels={"table": "linear_toy"}),
     log:
-        "logs/tables/linear_toy.log",
+        results("logs/tables/linear_toy.log"),
     benchmark:
-        "results/benchmarks/tables/linear_toy.tsv"
+        results("benchmarks/tables/linear_toy.tsv")
     conda:
         ENV
     script:

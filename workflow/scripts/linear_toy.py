@@ -1,10 +1,13 @@
 """The deep linear toy: full vs single-layer interpolation between two minima (fig11)."""
 
-from lmcflow import jobs
+import _path  # noqa: F401  (puts the lmcflow package on sys.path)
+from lmcflow import logs
 from lmcflow.io import save_parquet
-from lmcflow.layerwise import linear_toy
+from lmcflow.toy import linear_toy
+from lmcflow.report import write_preview
 
-log, _ = jobs.start(snakemake, "cpu")
+log, _ = logs.start(snakemake)
 table = linear_toy()
-save_parquet(table, snakemake.output[0])
+save_parquet(table, snakemake.output.parquet)
+write_preview(table, "linear_toy", snakemake.output.html)
 log(table.groupby(["path", "into"])["barrier"].first().to_string())

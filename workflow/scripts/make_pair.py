@@ -1,13 +1,20 @@
 """Make one pair's endpoints: model_a.pt, model_b.pt (plain state dicts), pair.json and, for
 permutation methods, permutation.json (group -> indices; model_b.pt is then π(B))."""
 
+import _path  # noqa: F401  (puts the lmcflow package on sys.path)
 from lmcflow import jobs
-from lmcflow.io import load_torch, save_json, save_torch
+from lmcflow.io import save_json, save_torch
 from lmcflow.pairs import get_method
+from lmcflow.training import check_fits, load_run
 
 setting = snakemake.params.setting
 log, device = jobs.start(snakemake, setting["device"])
-run_a, run_b = load_torch(snakemake.input.a), load_torch(snakemake.input.b)
+run_a, run_b = load_run(snakemake.input.a), load_run(snakemake.input.b)
+# runs the workflow trained carry their model spec; files a user brings get the config's
+spec = run_a.get("spec") or jobs.model_spec(jobs.load_dataset(**setting["data"]), setting["model"])
+for run, path in ((run_a, snakemake.input.a), (run_b, snakemake.input.b)):
+    check_fits(run["model"], jobs.build(spec), path)
+    run["spec"] = spec
 method = get_method(snakemake.wildcards.method)
 state_b, extra = run_b["model"], {}
 if method.align is not None:

@@ -1,11 +1,24 @@
-"""Concatenate the per-pair tables of one analysis into results/tables/{table}.parquet."""
+"""Concatenate the per-pair tables of one analysis into {root}/tables/{table}.parquet, with its
+HTML preview for the report; for the LMC table also the barriers of every curve (fig2's
+alignment table). Torch-free: pandas and pyarrow only."""
+
+import _path  # noqa: F401  (puts the lmcflow package on sys.path)
+from pathlib import Path
 
 import pandas as pd
 
-from lmcflow import jobs
+from lmcflow import logs
+from lmcflow.barriers import alignment_table
 from lmcflow.io import save_parquet
+from lmcflow.report import write_preview
 
-log, _ = jobs.start(snakemake, "cpu")
+log, _ = logs.start(snakemake)
 table = pd.concat([pd.read_parquet(path) for path in snakemake.input.tables], ignore_index=True)
-save_parquet(table, snakemake.output[0])
-log(f"{len(table)} rows from {len(snakemake.input.tables)} files -> {snakemake.output[0]}")
+save_parquet(table, snakemake.output.parquet)
+write_preview(table, Path(snakemake.output.parquet).stem, snakemake.output.html)
+log(f"{len(table)} rows from {len(snakemake.input.tables)} files -> {snakemake.output.parquet}")
+if "alignment" in snakemake.output.keys():
+    barriers = alignment_table(table)
+    save_parquet(barriers, snakemake.output.alignment)
+    write_preview(barriers, "alignment", snakemake.output.alignment_html)
+    log(barriers.to_string())

@@ -1,10 +1,11 @@
 """Train one run (independent, spawning parent, or a child continuing from the parent)."""
 
+import _path  # noqa: F401  (puts the lmcflow package on sys.path)
 from pathlib import Path
 
 from lmcflow import jobs
 from lmcflow.config import TrainSetting
-from lmcflow.io import load_torch, save_torch
+from lmcflow.io import load_torch, rebuild_command, save_torch
 from lmcflow.training import kept_weights, run_training
 
 run = snakemake.params.run
@@ -15,7 +16,7 @@ model = jobs.build(spec, device, seed=run["init_seed"])
 parent = load_torch(snakemake.input.parent) if "parent" in snakemake.input.keys() else None
 if parent is not None and parent["epoch"] != run["spawn_epoch"]:
     raise ValueError(f"{snakemake.input.parent} is at epoch {parent['epoch']}, not spawn_epoch "
-                     f"{run['spawn_epoch']}; delete it and re-run")
+                     f"{run['spawn_epoch']}; rebuild it with: {rebuild_command(snakemake.input.parent)}")
 ckpt_dir = Path(snakemake.output[0]).parent / "checkpoints"
 timer = jobs.Timer()
 final = run_training(
