@@ -33,3 +33,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def mnist2k() -> Data:
+    """2000 train / 500 test images of the embedded mnist5k split (fixed random subsets): enough
+    to train small networks to well above chance in seconds."""
+    full = load_dataset("mnist5k")
+    g = torch.Generator().manual_seed(0)
+    tr = torch.randperm(len(full.train_y), generator=g)[:2000]
+    te = torch.randperm(len(full.test_y), generator=g)[:500]
+    return dataclasses.replace(full, train_x=full.train_x[tr], train_y=full.train_y[tr],
+                               test_x=full.test_x[te], test_y=full.test_y[te])
+
+
+def sgd_train(model, data: Data, epochs: int = 3, seed: int = 0, lr: float = 0.05):
+    """Plain SGD (momentum 0.9, batch 64) on ``data``'s training split; the model in eval mode."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    x, y = data.normalize(data.train_x), data.train_y
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(64):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()

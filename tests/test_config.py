@@ -5,7 +5,8 @@ import copy
 import pytest
 import yaml
 
-from lmcflow.config import ConfigError, LmcSetting, TrainSetting, as_dict, load_yaml, validate
+from lmcflow.config import (ConfigError, LmcSetting, TrainSetting, as_dict, canonical, load_yaml,
+                            validate)
 
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def test_defaults_are_not_shared_between_experiments():
 @pytest.mark.parametrize("patch, key, words", [
     ({"model": {"arch": "mlpp"}}, "experiments.e.model.arch", ["'mlp'", "'vgg'", "'resnet20'"]),
     ({"model": {"arch": "mlp", "norm": "bn"}}, "experiments.e.model", ["norm"]),
-    ({"model": {"arch": "resnet20", "norm": "gn"}}, "experiments.e.model.norm", ["'bn'", "'ln'"]),
+    ({"model": {"arch": "resnet20", "norm": "in"}}, "experiments.e.model.norm", ["'bn'", "'ln'", "'gn'"]),
+    ({"model": {"arch": "resnet18", "norm": "ln"}}, "experiments.e.model.norm", ["'none'"]),
     ({"lmc": {"bn": "rest"}}, "experiments.e.lmc.bn", ["'interpolate'", "'reset'"]),
     ({"train": {"lr": "fast"}}, "experiments.e.train.lr", ["number"]),
     ({"train": {"schedule": "step"}}, "experiments.e.train.schedule", ["multistep"]),
@@ -75,3 +77,47 @@ def test_load_yaml_names_a_missing_file(tmp_path):
         load_yaml(tmp_path / "nope.yaml")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(MINIMAL))
     assert load_yaml(tmp_path / "c.yaml")["experiments"]["e"]["seed"] == 0
+
+
+def test_shipped_configs_keep_weights_along_training_where_the_layerwise_analyses_run():
+    """fig7 needs epochs and the training subspace of fig10 the weights along training."""
+    for path in [REPO / "config.yaml", *sorted((REPO / "workflow/configs").glob("*.yaml"))]:
+        for name, exp in load_yaml(path)["experiments"].items():
+            if exp["layerwise"]["enabled"]:
+                assert len(exp["train"]["checkpoint_epochs"]) >= 3, (path.name, name)
+
+
+def test_canonical_sorts_every_mapping_and_keeps_lists():
+    value = {"b": [{"z": 1, "a": 2}, 3], "a": {"y": (1, 2), "x": None}}
+    out = canonical(value)
+    assert list(out) == ["a", "b"] and list(out["a"]) == ["x", "y"]
+    assert out["b"] == [{"a": 2, "z": 1}, 3] and list(out["b"][0]) == ["a", "z"]
+    assert out["a"]["y"] == [1, 2]
+    reordered = {"a": {"x": None, "y": (1, 2)}, "b": [{"a": 2, "z": 1}, 3]}
+    assert repr(canonical(reordered)) == repr(out)
+
+
+@pytest.mark.parametrize("arch, extra, words", [
+    ("torchvision:resnt18", {}, ["torchvision has no model 'resnt18'", "resnet18"]),
+    ("python:nomodule:make", {}, ["python module 'nomodule' not found", "model.path"]),
+    ("python:nets:make_nett", {"path": "PATH"}, ["defines no 'make_nett'", "make_net"]),
+    ("resnet_18", {}, ["not one of the built-in models", "resnet18"]),
+])
+def test_models_from_elsewhere_are_checked_at_start_up(tmp_path, arch, extra, words):
+    (tmp_path / "nets.py").write_text("def make_net(num_classes):\n    pass\n")
+    model = {"arch": arch, **{k: str(tmp_path) if v == "PATH" else v for k, v in extra.items()}}
+    with pytest.raises(ConfigError) as err:
+        validate({"experiments": {"e": {"model": model}}})
+    assert "config key experiments.e.model.arch" in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+    ok = {"arch": "python:nets:make_net", "path": str(tmp_path), "kwargs": {"hidden": 3}}
+    validate({"experiments": {"e": {"model": ok}}})
+    validate({"experiments": {"e": {"model": {"arch": "torchvision:resnet18"}}}})
+
+
+def test_own_checkpoints_need_methods_that_train_nothing():
+    exp = {"model": {"arch": "mlp"}, "runs": {"a": "a.pt", "b": "b.pt"}}
+    with pytest.raises(ConfigError, match="methods: \\['spawning'\\]"):
+        validate({"experiments": {"e": {**exp, "methods": ["naive", "spawning"]}}})
+    validate({"experiments": {"e": {**exp, "methods": ["naive", "weight_matching"]}}})

@@ -97,7 +97,7 @@ def test_unknown_dataset_lists_choices():
 
 
 def test_registry_names():
-    assert set(DATASETS) == {"mnist5k", "mnist", "fashion_mnist", "cifar10"}
+    assert set(DATASETS) == {"mnist5k", "mnist", "fashion_mnist", "cifar10", "imagefolder"}
 
 
 # ---------------------------------------------------------------- MNIST-format IDX fixtures
@@ -220,3 +220,32 @@ def test_cifar10_missing_batch_names_path(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(DatasetNotFoundError, match="data_batch_3"):
         load_dataset("cifar10", tmp_path)
+
+
+def test_imagefolder_reads_class_folders_of_image_files(tmp_path):
+    """PNG files in train/<class>/ and test/<class>/, resized to image_size, uint8 in memory,
+    mean/std of the training images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 2)):
+        for label, cls in enumerate(("cat", "dog")):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8)
+                pixels[..., 0] = 50 * label  # the red channel marks the class
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    data = load_dataset("imagefolder", data_dir=str(tmp_path), image_size=[8, 8])
+    assert data.train_x.shape == (6, 3, 8, 8) and data.test_x.shape == (4, 3, 8, 8)
+    assert data.train_x.dtype == torch.uint8 and data.num_classes == 2
+    assert data.train_y.tolist() == [0, 0, 0, 1, 1, 1] and data.test_y.tolist() == [0, 0, 1, 1]
+    assert (data.train_x[data.train_y == 1, 0] == 50).all()
+    want = data.train_x.double().div(255).mean(dim=(0, 2, 3))
+    np.testing.assert_allclose(data.mean, want.numpy(), rtol=1e-6)
+    gray = load_dataset("imagefolder", data_dir=str(tmp_path), image_size=[8, 8], channels=1)
+    assert gray.train_x.shape == (6, 1, 8, 8) and len(gray.mean) == 1
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_dataset("imagefolder", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="no options"):
+        load_dataset("mnist5k", image_size=[8, 8])

@@ -117,7 +117,7 @@ def test_bn_mode_is_chosen_per_experiment():
 from itertools import product  # noqa: E402
 
 from lmcflow import figures  # noqa: E402
-from lmcflow.figures import alignment_table  # noqa: E402
+from lmcflow.barriers import alignment_table  # noqa: E402
 from lmcflow.metrics import barriers  # noqa: E402
 
 ALL_METHODS = ["naive", "spawning", "weight_matching", "activation_matching"]
@@ -157,7 +157,7 @@ def _run(fig, table, tmp_path, name):
 
 
 def test_registry_has_all_figures():
-    assert list(FIGURES) == [f"fig{i}" for i in range(1, 12)]
+    assert list(FIGURES) == [f"fig{i}" for i in range(1, 13)]
     assert all(callable(f) for f in FIGURES.values())
 
 
@@ -221,7 +221,7 @@ def test_fig_weak_additivity(tmp_path):
     df["dist_sigma"] = 10.0 ** (-4 + 2 * df["noise"])
     df["dist_sigma_shuffled"] = 0.5 + 0.1 * df["noise"]
     df.loc[0, "dist_sigma"] = np.nan
-    df.loc[1, "dist_sigma"] = 0.0  # clipped at the log floor
+    df.loc[1, "dist_sigma"] = 0.0  # an exact zero among the samples
     _run(figures.fig_weak_additivity, df.drop(columns="noise"), tmp_path, "fig5")
 
 
@@ -235,10 +235,11 @@ def test_fig_commutativity(tmp_path):
     _run(figures.fig_commutativity, df.drop(columns="noise"), tmp_path, "fig6")
 
 
-def _layer_barriers(epochs, methods=ALL_METHODS):
+def _layer_barriers(epochs, methods=ALL_METHODS, layers=LAYERS):
     rng = np.random.default_rng(5)
-    df = _table(rng, methods=methods, epoch=epochs, into=("a", "b"), split=("train", "test"))
-    full = _table(rng, layers={e: ["(all)"] for e in LAYERS}, methods=methods, epoch=epochs,
+    df = _table(rng, layers=layers, methods=methods, epoch=epochs, into=("a", "b"),
+                split=("train", "test"))
+    full = _table(rng, layers={e: ["(all)"] for e in layers}, methods=methods, epoch=epochs,
                   into=("both",), split=("train", "test")).assign(layer_index=-1)
     df = pd.concat([df, full], ignore_index=True)
     df["loss_barrier"] = (df["noise"] - 0.2) * (1 + 2 * (df["layer"] == "(all)"))
@@ -297,7 +298,8 @@ def test_fig_subspace(tmp_path):
     _run(figures.fig_subspace, df.drop(columns=["noise", "layer_index"]), tmp_path, "fig10")
 
 
-def test_fig_linear_toy(tmp_path):
+def test_fig_linear_toy_older_table(tmp_path):
+    """A toy table without ``into`` and ``barrier`` columns (older runs) still draws."""
     a = np.linspace(0, 1, 11)
     df = pd.concat([pd.DataFrame({"path": p, "alpha": a, "loss": f(a)}) for p, f in (
         ("full", lambda a: (a * (1 - a)) ** 2 + 0.1), ("layer1", lambda a: 0.1 + 0 * a),
@@ -311,3 +313,192 @@ def test_all_figures_raise_on_empty_test_split(tmp_path):
     for fig in (figures.fig_layer_barriers, figures.fig_cumulative):
         with pytest.raises(ValueError):
             fig(empty, tmp_path / "x.pdf")
+
+
+# --------------------------------------------------------------------------- pages, zeros, series
+
+import re  # noqa: E402
+
+import matplotlib  # noqa: E402
+
+# a small net beside a deep one whose 30 layers have long names (a ResNet's layer groups)
+DEEP = {"mlp_mnist": ["fc1", "fc2", "fc3", "out"],
+        "resnet_cifar10": [f"layer{i // 8 + 1}.{i // 4 % 2}.conv{i % 4 + 1}" for i in range(30)]}
+PAGE_LIMIT = (8.5, 11.0)  # inches
+
+
+def _synthetic_tables(layers=DEEP):
+    """One table per figure id: every experiment of ``layers``, all methods, two pairs."""
+    rng = np.random.default_rng(10)
+    first = {e: ls[0] for e, ls in layers.items()}
+    exps = {e: None for e in layers}
+
+    lmc = _table(rng, layers=exps, alpha=ALPHAS, split=("train", "test"),
+                 bn=("none", "reset", "interpolate"))
+    small = list(layers)[0]  # the first experiment has no BatchNorm
+    lmc = lmc[(lmc["experiment"] == small) == (lmc["bn"] == "none")].reset_index(drop=True)
+    bump = 0.3 * 4 * lmc["alpha"] * (1 - lmc["alpha"]) * (lmc["method"] == "naive")
+    lmc = lmc.assign(loss=0.3 + 2 * bump + 0.01 * lmc["noise"], error=0.05 + bump)
+
+    llfc = _table(rng, layers=layers, alpha=(0.25, 0.5, 0.75), sample=range(3))
+    at_first = llfc["layer"] == llfc["experiment"].map(first)
+    llfc = llfc.assign(one_minus_cos_alpha=np.where(at_first, 0.0,
+                                                    10.0 ** (-4 + 2 * llfc["noise"])),
+                       one_minus_cos_ab=0.3 + 0.3 * llfc["noise"],
+                       coef_c=0.9 + 0.3 * llfc["noise"])
+
+    weak = _table(rng, layers=layers, alpha=(0.25, 0.5, 0.75), sample=range(3))
+    weak = weak.assign(dist_sigma=10.0 ** (-3 + 2 * weak["noise"]),
+                       dist_sigma_shuffled=0.2 + 0.1 * weak["noise"])
+
+    com = _table(rng, layers=layers)
+    at_first = com["layer"] == com["experiment"].map(first)
+    com = com.assign(dist_com=np.where(at_first, 0.0, 10.0 ** (-3 + com["noise"])),
+                     dist_w=1.0 + com["noise"], dist_h=np.where(at_first, 0.0, 0.5 + com["noise"]))
+
+    steps = pd.DataFrame([dict(experiment=e, order=o, step=i + 1, layer=layer)
+                          for e, ls in layers.items()
+                          for o, seq in (("shallow", ls), ("deep", ls[::-1]),
+                                         ("random1", ls[1::2] + ls[::2]), ("random2", ls[::-1]))
+                          for i, layer in enumerate(seq)])
+    cum = _table(rng, layers=exps, into=("a", "b"), split=("test",), epoch=(0, 5, 10)
+                 ).merge(steps, on="experiment")
+    cum = cum.assign(loss_barrier=0.05 * cum["step"] * cum["noise"], error_barrier=0.01, loss=0.5,
+                     error=0.1)
+
+    rob = pd.concat([_table(rng, layers=layers, direction=("interpolation",), draw=(0,),
+                            step=(0.0, 0.5, 1.0), epoch=(0, 10)),
+                     _table(rng, layers=layers, direction=("random",), draw=range(2),
+                            step=(0.0, 0.5, 1.0), epoch=(0, 10))], ignore_index=True)
+    rob = rob.assign(split="test", error=0.1, norm=rob["step"],
+                     loss=0.3 + rob["step"] * np.where(rob["direction"] == "random", 0.1, 3.0))
+
+    sub = _table(rng, layers={e: ["(all)"] for e in layers},
+                 direction=("interpolation", "subspace", "orthogonal"), endpoint=("a", "b"),
+                 draw=range(2), norm_fraction=(0.0, 0.1, 0.5, 1.0), split=("test",))
+    growth = sub["direction"].map({"interpolation": 0.5, "subspace": 5.0, "orthogonal": 0.1})
+    sub = sub.assign(norm=sub["norm_fraction"] * 30.0, error=0.1,
+                     loss=0.3 + growth * sub["norm_fraction"] ** 2 * (1 + sub["noise"]))
+
+    from lmcflow.toy import linear_toy
+
+    stitched = _table(rng, layers={e: ["(none)", *ls[:-1]] for e, ls in layers.items()},
+                      into=("a", "b"), split=("test",))
+    stitched = stitched.assign(error=np.where(stitched["layer"] == "(none)", 0.05,
+                                              0.05 + 0.5 * stitched["noise"]), loss=0.3)
+
+    tables = {"fig1": lmc, "fig2": lmc, "fig3": llfc, "fig4": llfc, "fig5": weak, "fig6": com,
+              "fig7": _layer_barriers((1, 5, 10), layers=layers), "fig8": cum, "fig9": rob,
+              "fig10": sub, "fig12": stitched}
+    tables = {k: t.drop(columns="noise", errors="ignore") for k, t in tables.items()}
+    return {**tables, "fig11": linear_toy()}
+
+
+def _capture(monkeypatch):
+    """Record the figures each figure function saves (they are closed, not destroyed)."""
+    saved = []
+    original = figures._save
+
+    def save(figs, out_pdf):
+        saved.extend([figs] if isinstance(figs, matplotlib.figure.Figure) else figs)
+        original(figs, out_pdf)
+
+    monkeypatch.setattr(figures, "_save", save)
+    return saved
+
+
+def _pdf_pages(path):
+    """(width, height) in inches of every page of a matplotlib PDF (from its MediaBoxes)."""
+    boxes = re.findall(rb"/MediaBox\s*\[\s*([-\d.\s]+)\]", path.read_bytes())
+    return [tuple(float(v) / 72.0 for v in box.split()[2:4]) for box in boxes]
+
+
+def _check_pages(name, out, figs):
+    pages = _pdf_pages(out)
+    assert len(pages) == len(figs) >= 1, name
+    for width, height in pages:
+        assert width <= PAGE_LIMIT[0] and height <= PAGE_LIMIT[1], (name, width, height)
+    for fig in figs:
+        for ax in fig.findobj(matplotlib.axes.Axes):
+            if ax.get_visible() and ax.axison:  # every panel shows data, none is a "no data" box
+                assert ax.lines or ax.patches or ax.collections, (name, ax.get_title())
+        for text in fig.findobj(matplotlib.text.Text):  # readable at the final page size
+            if text.get_visible() and text.get_text().strip():
+                assert text.get_fontsize() >= 8.0, (name, text.get_text(), text.get_fontsize())
+
+
+def test_every_figure_fits_a_page(tmp_path, monkeypatch):
+    """Several experiments (one with 30 layers), all methods, two pairs: every page of every
+    figure is at most 8.5 × 11 in, no panel is empty and no text is below 8 pt."""
+    figs = _capture(monkeypatch)
+    for name, table in _synthetic_tables().items():
+        figs.clear()
+        out = _run(FIGURES[name], table, tmp_path, name)
+        _check_pages(name, out, figs)
+
+
+def test_one_deep_experiment_fits_a_page(tmp_path, monkeypatch):
+    """One experiment only, the one with 30 layers: the layer-wise figures still fit."""
+    figs = _capture(monkeypatch)
+    tables = _synthetic_tables({"resnet_cifar10": DEEP["resnet_cifar10"]})
+    for name in ("fig1", "fig3", "fig7", "fig8"):
+        figs.clear()
+        out = _run(FIGURES[name], tables[name], tmp_path, name)
+        _check_pages(name, out, figs)
+
+
+def test_many_experiments_get_one_page_each(tmp_path, monkeypatch):
+    """Experiments that do not fit one page go on a page each; the PNG stacks the pages."""
+    from PIL import Image
+
+    figs = _capture(monkeypatch)
+    layers = {f"exp{i}": ["fc1", "fc2", "out"] for i in range(3)}
+    out = _run(figures.fig_llfc, _synthetic_tables(layers)["fig3"], tmp_path, "fig3")
+    assert len(_pdf_pages(out)) == 3
+    _check_pages("fig3", out, figs)
+    with Image.open(out.with_suffix(".png")) as png:
+        height = png.size[1]
+    assert height > 2.5 * figs[0].get_figheight() * figures.PNG_DPI  # all three pages
+
+
+def test_exact_zeros_are_drawn_at_zero(tmp_path, monkeypatch):
+    """1 − cos_α is exactly 0 at the first layer: a symlog axis shows it at 0 (no log floor)."""
+    figs = _capture(monkeypatch)
+    table = _synthetic_tables({"mlp_mnist": DEEP["mlp_mnist"]})["fig3"]
+    _run(figures.fig_llfc, table, tmp_path, "fig3")
+    for ax in figs[0].findobj(matplotlib.axes.Axes):
+        if ax.lines:
+            assert ax.get_yscale() == "symlog"
+            lowest = min(np.nanmin(line.get_ydata()) for line in ax.lines)
+            assert lowest == 0.0 and ax.get_ylim()[0] <= 0.0
+
+
+def test_fig_alignment_labels_zero_bars(lmc_bn, tmp_path, monkeypatch):
+    """A zero barrier is a bar labelled "0.0", not a gap."""
+    figs = _capture(monkeypatch)
+    flat = lmc_bn.assign(loss=0.3, error=0.05)  # no barrier anywhere
+    _run(figures.fig_alignment, flat, tmp_path, "fig2")
+    labels = [t.get_text() for t in figs[0].findobj(matplotlib.text.Annotation)]
+    assert labels and set(labels) <= {"0.0", "0.00", "-0.0", "-0.00"}
+
+
+def test_fig_linear_toy_into_a_and_b_are_separate_series(tmp_path, monkeypatch):
+    """Layer 1 into A (barrier 16) and into B (barrier 0.2) are two curves, not one band."""
+    from lmcflow.toy import linear_toy
+
+    figs = _capture(monkeypatch)
+    _run(figures.fig_linear_toy, linear_toy(), tmp_path, "fig11")
+    series = {}
+    for ax in figs[0].findobj(matplotlib.axes.Axes):
+        into = "a" if "into A" in ax.get_title() else "b" if "into B" in ax.get_title() else None
+        for line in ax.get_lines():
+            if into and not line.get_label().startswith("_"):
+                series[(into, line.get_label().split(":")[0])] = (line.get_ydata(),
+                                                                  line.get_label())
+    layer1, layer2 = figures.TOY_LABELS["layer1"], figures.TOY_LABELS["layer2"]
+    assert {k for k, _ in series} == {"a", "b"} and len(series) == 6  # full + 2 layers, each
+    assert not np.allclose(series[("a", layer1)][0], series[("b", layer1)][0])
+    assert not np.allclose(series[("a", layer2)][0], series[("b", layer2)][0])
+    assert series[("a", layer1)][1].endswith("16.00") and series[("a", layer2)][1].endswith("0.20")
+    assert series[("b", layer1)][1].endswith("0.20") and series[("b", layer2)][1].endswith("16.00")
+    assert series[("a", figures.TOY_LABELS["full"])][1].endswith("3.16")

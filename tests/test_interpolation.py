@@ -7,6 +7,7 @@ from torch import nn
 
 from lmcflow.interpolation import (batchnorm_modules, lerp_state, lmc_curve, load_interpolated,
                                    reset_bn)
+from lmcflow.data import load_dataset
 from lmcflow.metrics import barrier
 from lmcflow.models import build_model
 from lmcflow.training import evaluate
@@ -137,6 +138,28 @@ def test_reset_bn_recomputes_statistics_of_the_data(tiny_data, build, first_bn):
         assert m.num_batches_tracked.item() == 4
     assert [m.momentum for m in bns] == [0.05 + 0.01 * i for i in range(len(bns))]
     assert not any(m.training for m in model.modules())
+
+
+def test_reset_bn_statistics_do_not_depend_on_the_stored_order():
+    """mnist5k is stored sorted by class; read in that order, batches hold one or two classes
+    and the BN variances are within-class ones. The reset reads a seeded shuffled order, so
+    storing the same images in another order changes the statistics only by the sampling noise
+    of which images share a batch (first BN: its mean exactly, up to float rounding)."""
+    data = load_dataset("mnist5k")
+    assert (np.diff(data.train_y.numpy()) >= 0).all()  # the premise: sorted by class
+    restored = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(5))
+
+    def stats(x, batch_size):
+        model = vgg(0)
+        reset_bn(model, x, data.normalize, batch_size=batch_size)
+        return [(m.running_mean.double(), m.running_var.double()) for m in batchnorm_modules(model)]
+
+    (m1, v1), (m2, v2) = stats(data.train_x, 200)[0], stats(data.train_x[restored], 200)[0]
+    torch.testing.assert_close(m1, m2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v1, v2, rtol=1e-3, atol=1e-6)
+    for (m1, v1), (m2, v2) in zip(stats(data.train_x, 1000), stats(data.train_x[restored], 1000)):
+        torch.testing.assert_close(m1, m2, rtol=2e-2, atol=2e-2 * float(m1.abs().max()))
+        torch.testing.assert_close(v1, v2, rtol=2e-2, atol=0)
 
 
 def test_reset_bn_is_independent_of_previous_statistics(tiny_data):

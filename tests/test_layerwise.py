@@ -3,16 +3,20 @@
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lmcflow.data import load_dataset
 from lmcflow.interpolation import lerp_state
-from lmcflow.layerwise import (ALL, cumulative_barriers, layer_groups, layer_robustness, linear_toy,
+from lmcflow.layerwise import (ALL, cumulative_barriers, layer_groups, layer_orders,
+                               layer_robustness,
                                mix_state, perturbation_directions, random_direction,
-                               single_layer_barriers, subspace_perturbations)
+                               single_layer_barriers, subspace_perturbations,
+                               training_subspace)
 from lmcflow.models import build_model
+from lmcflow.toy import linear_toy
 from lmcflow.training import derive_seed, evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -215,6 +219,23 @@ def test_cumulative_barriers(pair, data):
         ["out", "fc2", "fc1"]
 
 
+def test_cumulative_barriers_in_seeded_random_orders(pair, data):
+    state_a, state_b, _ = pair
+    cum = cumulative_barriers(mlp(5), state_a, state_b, data, random_orders=3, seed=4, **QUIET)
+    assert list(pd.unique(cum["order"])) == ["shallow", "deep", "random1", "random2", "random3"]
+    groups = [name for name, _ in layer_groups(mlp(5))]
+    test = cum[(cum.split == "test") & (cum.into == "a")]
+    for k in (1, 2, 3):
+        added = list(test[test.order == f"random{k}"].sort_values("step")["layer"])
+        assert sorted(added) == sorted(groups)  # every group once, in a random order
+        assert test[test.order == f"random{k}"]["loss_barrier"].iloc[-1] == \
+            test[test.order == "shallow"]["loss_barrier"].iloc[-1]  # the full barrier at the end
+    again = cumulative_barriers(mlp(5), state_a, state_b, data, random_orders=3, seed=4, **QUIET)
+    pd.testing.assert_frame_equal(cum, again)  # seeded
+    orders = layer_orders(groups, random_orders=20, seed=4)
+    assert len({tuple(v) for v in orders.values()}) > 3  # the draws differ
+
+
 # ----------------------------------------------------------------------------- layer robustness
 
 
@@ -256,56 +277,85 @@ def test_layer_robustness(pair, data):
 # ------------------------------------------------------------------------ subspace perturbations
 
 
-def test_perturbation_directions_geometry(pair):
-    state_a, state_b, ckpts = pair
+def flat(state, keys):
+    return torch.cat([state[k].reshape(-1).double() for k in keys])
+
+
+@pytest.fixture(scope="module")
+def two_runs(data):
+    """A naive pair with the checkpoints of both networks along training."""
+    state_a, ckpts_a = train(0, data)
+    state_b, ckpts_b = train(1, data)
+    return state_a, state_b, ckpts_a + ckpts_b
+
+
+def test_training_subspace_contains_the_interpolation_direction(two_runs):
+    state_a, state_b, along = two_runs
     keys = list(state_a)
-    flat = lambda s: torch.cat([s[k].reshape(-1).double() for k in keys])  # noqa: E731
-    diffs = torch.stack([flat(c) - flat(state_a) for c in ckpts], dim=1)  # (P, m)
-    dirs = perturbation_directions(state_a, state_b, ckpts, keys, draws=3, seed=0)
-    assert [len(dirs[k]) for k in ("interpolation", "subspace", "orthogonal")] == [1, 3, 3]
-    for u in (v for vs in dirs.values() for v in vs):
-        assert torch.linalg.vector_norm(u).item() == pytest.approx(1.0, abs=1e-12)
-    interp = flat(state_b) - flat(state_a)
-    assert torch.allclose(dirs["interpolation"][0], interp / interp.norm())
-    for u in dirs["subspace"]:
-        coef = torch.linalg.lstsq(diffs, u.unsqueeze(1)).solution
-        assert torch.linalg.vector_norm(diffs @ coef - u.unsqueeze(1)).item() < 1e-8
-    for u in dirs["orthogonal"]:
-        assert (diffs.T @ u).abs().max().item() < 1e-8
-    # a checkpoint equal to A (zero difference) or a repeated one adds no dimension
-    dup = perturbation_directions(state_a, state_b, [*ckpts, ckpts[0], state_a], keys, draws=2, seed=0)
-    for u in dup["orthogonal"]:
-        assert (diffs.T @ u).abs().max().item() < 1e-8
+    basis = training_subspace([*along, state_a, state_b], keys)
+    assert basis.shape == (flat(state_a, keys).numel(), len(along) + 2)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(basis.shape[1], dtype=torch.float64))
+    d = flat(state_b, keys) - flat(state_a, keys)
+    residual = d - basis @ (basis.T @ d)
+    assert residual.norm() < 1e-10 * d.norm()
+    for c in along:  # every kept checkpoint of either network lies in it
+        v = flat(c, keys)
+        assert (v - basis @ (basis.T @ v)).norm() < 1e-10 * v.norm()
+    # repeated or dependent vectors (a spawned pair's shared checkpoints) add no dimension
+    again = training_subspace([*along, along[0], state_a, state_a, state_b], keys)
+    assert again.shape == basis.shape
 
 
-def test_subspace_perturbations(pair, data):
-    state_a, state_b, ckpts = pair
+def test_perturbation_directions_geometry(two_runs):
+    state_a, state_b, along = two_runs
+    keys = list(state_a)
+    basis = training_subspace([*along, state_a, state_b], keys)
+    for state, other in ((state_a, state_b), (state_b, state_a)):
+        dirs = perturbation_directions(state, other, basis, keys, draws=3, seed=0)
+        assert [len(dirs[k]) for k in ("interpolation", "subspace", "orthogonal")] == [1, 3, 3]
+        for u in (v for vs in dirs.values() for v in vs):
+            assert torch.linalg.vector_norm(u).item() == pytest.approx(1.0, abs=1e-12)
+        away = flat(state, keys) - flat(other, keys)  # away from the other network
+        torch.testing.assert_close(dirs["interpolation"][0], away / away.norm())
+        for u in dirs["subspace"]:
+            assert (u - basis @ (basis.T @ u)).norm() < 1e-10
+        for u in dirs["orthogonal"]:
+            assert (basis.T @ u).abs().max() < 1e-12
+            # orthogonal to every vector spanning the subspace, the endpoints included
+            for c in [*along, state_a, state_b]:
+                assert abs(float(flat(c, keys) @ u)) < 1e-9 * flat(c, keys).norm()
+
+
+def test_subspace_perturbations(two_runs, data):
+    state_a, state_b, along = two_runs
     norms = (0.0, 1.0, 4.0)
-    df = subspace_perturbations(mlp(5), state_a, ckpts, state_b, data, norms=norms, draws=2,
+    df = subspace_perturbations(mlp(5), state_a, state_b, along, data, norms=norms, draws=2,
                                 seed=3, per_layer=True, **QUIET)
-    assert list(df.columns) == ["layer", "layer_index", "direction", "draw", "norm", "split",
-                                "loss", "error"]
+    assert list(df.columns) == ["layer", "layer_index", "endpoint", "direction", "draw", "norm",
+                                "split", "loss", "error"]
     assert list(df["layer"].unique()) == [ALL, "fc1", "fc2", "out"]
-    assert len(df) == 4 * (1 + 2 + 2) * len(norms) * 2
-    for split in ("train", "test"):
-        la, _ = evaluate_state(state_a, data, split)
-        assert np.allclose(df[(df.norm == 0) & (df.split == split)]["loss"], la, rtol=0, atol=1e-12)
-    # a row equals evaluating θ_A + ε·u by hand (whole network, interpolation direction)
+    assert len(df) == 4 * 2 * (1 + 2 + 2) * len(norms) * 2
+    for endpoint, state in (("a", state_a), ("b", state_b)):
+        for split in ("train", "test"):
+            want, _ = evaluate_state(state, data, split)
+            got = df[(df.norm == 0) & (df.split == split) & (df.endpoint == endpoint)]["loss"]
+            assert np.allclose(got, want, rtol=0, atol=1e-12)
+    # a row equals evaluating θ_B + ε·(θ_B − θ_A)/‖θ_B − θ_A‖ by hand: B moves away from A
     keys = list(state_a)
-    flat_a = torch.cat([state_a[k].reshape(-1).double() for k in keys])
-    flat_b = torch.cat([state_b[k].reshape(-1).double() for k in keys])
-    u = (flat_b - flat_a) / (flat_b - flat_a).norm()
-    theta, start, moved = flat_a + 4.0 * u, 0, {}
+    u = flat(state_b, keys) - flat(state_a, keys)
+    theta, start, moved = flat(state_b, keys) + 4.0 * u / u.norm(), 0, {}
     for k in keys:
         n = state_a[k].numel()
         moved[k] = theta[start:start + n].reshape(state_a[k].shape).float()
         start += n
-    row = df[(df.layer == ALL) & (df.direction == "interpolation") & (df.norm == 4.0)
-             & (df.split == "test")]
-    assert row["loss"].item() == pytest.approx(evaluate_state(moved, data, "test")[0], abs=1e-9)
+    row = df[(df.layer == ALL) & (df.endpoint == "b") & (df.direction == "interpolation")
+             & (df.norm == 4.0) & (df.split == "test")]
+    assert row["loss"].item() == pytest.approx(evaluate_state(moved, data, "test")[0], rel=1e-5)
     # perturbing grows the loss on average
-    big = df[(df.norm == 4.0) & (df.split == "train")]["loss"]
-    assert (big > evaluate_state(state_a, data, "train")[0]).mean() > 0.5
+    big = df[(df.norm == 4.0) & (df.split == "train")]
+    assert (big["loss"] > big["endpoint"].map({"a": evaluate_state(state_a, data, "train")[0],
+                                               "b": evaluate_state(state_b, data, "train")[0]})
+            ).mean() > 0.5
 
 
 # ------------------------------------------------------------------------------------ linear toy
@@ -313,7 +363,7 @@ def test_subspace_perturbations(pair, data):
 
 @pytest.mark.parametrize("minima", [((2.0, 0.5), (0.5, 2.0)), ((1.0, 1.0), (-1.0, -1.0)),
                                     (([2.0, 1.0], [0.5, 3.0]), ([0.5, -1.0], [2.0, -3.0]))])
-def test_linear_toy(minima):
+def test_linear_toy_paths_and_layerwise_barrier(minima):
     target = 1.0 if np.ndim(minima[0][0]) == 0 else [1.0, 3.0]
     df = linear_toy(*minima, target=target)
     assert list(df.columns) == ["path", "into", "alpha", "loss", "barrier"]
@@ -321,22 +371,51 @@ def test_linear_toy(minima):
                                           ("layer2", "a"), ("layer2", "b")}
     for (path, into), g in df.groupby(["path", "into"]):
         assert len(g) == 21 and np.allclose(g["alpha"], np.linspace(0, 1, 21))
+        # the layer-wise barrier: loss at α = ½ against the mean of the full endpoints (both 0)
+        assert g["barrier"].iloc[0] == pytest.approx(g.loc[np.isclose(g.alpha, 0.5), "loss"].item())
         if path == "full":
             assert g["loss"].iloc[0] == pytest.approx(0, abs=1e-12)  # both ends are minima
             assert g["loss"].iloc[-1] == pytest.approx(0, abs=1e-12)
-            assert g["barrier"].iloc[0] > 0.1
         else:
-            assert (np.diff(g["loss"].to_numpy(), 2) >= -1e-12).all()  # convex
-            assert g["barrier"].iloc[0] == pytest.approx(0, abs=1e-12)
+            assert (np.diff(g["loss"].to_numpy(), 2) >= -1e-12).all()  # convex in α
 
 
-def test_perturbation_directions_degenerate(pair):
+def test_linear_toy_shows_the_blog_statement():
+    """Full path: a barrier; only the second layer averaged (into A): a much lower one; only
+    the first layer: a high one. Into B the layers swap roles (w1 <-> w2 symmetry)."""
+    bar = linear_toy().groupby(["path", "into"])["barrier"].first()
+    full = bar[("full", "both")]
+    assert full > 1.0
+    assert bar[("layer2", "a")] < full / 10 and bar[("layer1", "a")] > 2 * full
+    assert bar[("layer1", "b")] == pytest.approx(bar[("layer2", "a")])
+    assert bar[("layer2", "b")] == pytest.approx(bar[("layer1", "a")])
+
+
+def test_perturbation_directions_degenerate(two_runs):
     """Missing directions are left out: no interpolation if A = B there, no complement if the
-    checkpoints span the whole (small) layer."""
-    state_a, _, _ = pair
+    subspace is the whole (small) layer, no subspace directions in an empty subspace."""
+    state_a = two_runs[0]
     g = torch.Generator().manual_seed(0)
-    ckpts = [{**state_a, "out.bias": state_a["out.bias"] + torch.randn(10, generator=g)} for _ in range(12)]
-    dirs = perturbation_directions(state_a, state_a, ckpts, ["out.bias"], draws=2, seed=0)
+    ckpts = [{**state_a, "out.bias": torch.randn(10, generator=g)} for _ in range(12)]
+    basis = training_subspace(ckpts, ["out.bias"])
+    assert basis.shape == (10, 10)
+    dirs = perturbation_directions(state_a, state_a, basis, ["out.bias"], draws=2, seed=0)
     assert dirs["interpolation"] == [] and dirs["orthogonal"] == [] and len(dirs["subspace"]) == 2
-    dirs = perturbation_directions(state_a, state_a, [state_a], ["out.bias"], draws=2, seed=0)
+    empty = torch.zeros(10, 0, dtype=torch.float64)
+    dirs = perturbation_directions(state_a, state_a, empty, ["out.bias"], draws=2, seed=0)
     assert dirs["subspace"] == [] and len(dirs["orthogonal"]) == 2
+
+
+def test_layer_groups_merge_whole_modules():
+    """The ViT averages whole blocks; a config can merge any modules' subtrees the same way."""
+    vit = build_model("vit", (1, 28, 28), 10, dim=16, depth=2, heads=2)
+    groups = dict(layer_groups(vit))
+    assert "blocks.0" in groups and "blocks.0.attn.q" not in groups
+    assert all(k.startswith("blocks.0.") for k in groups["blocks.0"])
+    assert set(groups["(root)"]) == {"cls_token", "pos_embed"}
+    keys = [k for _, ks in layer_groups(vit) for k in ks]
+    assert sorted(keys) == sorted(vit.state_dict())  # still a partition of the state
+    merged = build_model("mlp", SHAPE, 10, width=8, depth=3, layer_groups=["fc2"])
+    assert [n for n, _ in layer_groups(merged)] == ["fc1", "fc2", "fc3", "out"]
+    with pytest.raises(ValueError, match="not modules"):
+        build_model("mlp", SHAPE, 10, layer_groups=["fc9"])

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lmcflow.data import Data, load_dataset
+from lmcflow.data import Data, load_dataset, sample_order
 from lmcflow.matching import (
     PermutationSpec, activation_matching, apply_permutation, identity_permutation,
     invert_permutation, matching_objective, permutation_spec, random_permutation,
@@ -37,6 +37,13 @@ CASES = [
     ("resnet20", {"width": 0.5, "norm": "bn"}, (3, 32, 32)),
     ("resnet20", {"width": 0.5, "norm": "ln"}, (3, 32, 32)),
     ("resnet20", {"width": 0.25, "norm": "bn"}, (1, 28, 28)),
+    ("resnet20", {"width": 0.25, "norm": "gn", "shortcut_kernel": 3}, (3, 32, 32)),
+    ("lenet", {}, (1, 28, 28)),
+    ("lenet", {"width": 0.5}, (3, 32, 32)),
+    ("vgg", {"depth": 11, "batch_norm": True, "width": 0.125, "classifier": [24, 16],
+             "dropout": 0.5}, (3, 32, 32)),
+    ("resnet18", {"width": 0.125, "norm": "none"}, (3, 32, 32)),
+    ("resnet18", {"width": 0.125, "norm": "bn"}, (3, 32, 32)),
 ]
 IDS = [f"{a}-" + "-".join(f"{k}{v}" for k, v in kw.items()) + f"-{s[1]}" for a, kw, s in CASES]
 NUM_CLASSES = 7
@@ -63,7 +70,7 @@ def make_model(arch, kwargs, in_shape, seed=0):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
                 if m.bias is not None:
                     m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm))]
     with torch.no_grad():
         for m in norms:
             m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
@@ -157,12 +164,18 @@ def expected_groups(arch, model):
     if arch == "mlp":
         return {f"P_fc{i}": getattr(model, f"fc{i}").out_features
                 for i in range(1, model.depth + 1)}
+    if arch == "lenet":
+        return {"P_conv1": model.conv1.out_channels, "P_conv2": model.conv2.out_channels,
+                "P_fc1": model.fc1.out_features, "P_fc2": model.fc2.out_features}
     if arch == "vgg":
-        return {f"P_conv{i}": getattr(model.features, f"conv{i}").out_channels
-                for i in range(1, model.n_conv + 1)}
-    groups = {f"P_res{l}": getattr(model, f"layer{l}")[0].conv2.out_channels for l in (1, 2, 3)}
-    for l in (1, 2, 3):
-        for j in range(3):
+        groups = {f"P_conv{i}": getattr(model.features, f"conv{i}").out_channels
+                  for i in range(1, model.n_conv + 1)}
+        return groups | {f"P_classifier.fc{i}": getattr(model.classifier, f"fc{i}").out_features
+                         for i in range(1, model.n_hidden + 1)}
+    stages, blocks = ((1, 2, 3), 3) if arch == "resnet20" else ((1, 2, 3, 4), 2)
+    groups = {f"P_res{l}": getattr(model, f"layer{l}")[0].conv2.out_channels for l in stages}
+    for l in stages:
+        for j in range(blocks):
             groups[f"P_layer{l}.{j}.inner"] = getattr(model, f"layer{l}")[j].conv1.out_channels
     return groups
 
@@ -206,8 +219,10 @@ def test_spec_covers_state_dict(arch, kwargs, in_shape):
     # The classifier of a VGG reading a map larger than 1x1 is viewed per channel.
     if arch == "vgg":
         h = max(1, in_shape[1] // 32)  # 28 and 32 reach 1x1, 64 stops at 2x2
-        assert spec.reshape["out.weight"] == (NUM_CLASSES, spec.sizes[f"P_conv{model.n_conv}"], h * h)
-        assert spec.axes["out.weight"] == (None, f"P_conv{model.n_conv}", None)
+        first = "classifier.fc1" if model.n_hidden else "out"
+        n_out = spec.shapes[f"{first}.weight"][0]
+        assert spec.reshape[f"{first}.weight"] == (n_out, spec.sizes[f"P_conv{model.n_conv}"], h * h)
+        assert spec.axes[f"{first}.weight"][1:] == (f"P_conv{model.n_conv}", None)
 
 
 def test_mlp_spec_matches_the_documented_example():
@@ -338,7 +353,7 @@ def test_activation_matching_recovers_planted_permutation(arch, kwargs, in_shape
     # Units are identifiable from their features unless they never fire (all zero) or have a
     # twin (another unit with correlation 1 for cost="correlation", or the same features for
     # "inner_product"); on identifiable units the planted permutation must come back exactly.
-    x = data.normalize(data.train_x[:96])
+    x = data.normalize(data.train_x[sample_order(len(data.train_x), 0)[:96]])  # the images used
     feats_a = group_features(model_a, spec, x)
     feats_b = group_features(permuted_copy(model_b, spec, perm), spec, x)
     ok_total = units = 0
@@ -452,6 +467,129 @@ def test_weight_matching_max_sweeps_and_order_seed():
     assert all(np.isfinite(list(results)))
 
 
+# --- 6. weight matching at scale: float32 costs, exact objective, incremental costs --------------
+
+
+def test_weight_matching_at_4x_width_recovers_planted_and_never_decreases():
+    """ResNet-20-LN x4 (float32 costs by default): a planted permutation comes back exactly,
+    and on an independent pair the float64 objective after every sweep, recomputed from the
+    permutation a run capped at that sweep returns, never decreases and equals the history."""
+    kwargs, in_shape = {"width": 4, "norm": "ln"}, (3, 32, 32)
+    model = make_model("resnet20", kwargs, in_shape)
+    spec = permutation_spec(model)
+    state_a = model.state_dict()
+    pi = nontrivial_permutation(spec, seed=2)
+    perm, info = weight_matching(spec, apply_permutation(spec, pi, state_a), state_a, seed=1)
+    assert info["dtype"] == "float32"
+    assert all(torch.equal(perm[g], pi[g]) for g in pi)  # B = A, so perm maps A onto pi(A)
+    assert info["objective"] == pytest.approx(matching_objective(spec, state_a, state_a), rel=1e-12)
+
+    state_b = make_model("resnet20", kwargs, in_shape, seed=1).state_dict()
+    _, info = weight_matching(spec, state_a, state_b, seed=0)
+    hist = info["history"]
+    assert info["sweeps"] >= 3 and hist[-1] > hist[0]
+    objectives = [matching_objective(spec, state_a, state_b)]
+    for sweeps in range(1, info["sweeps"] + 1):
+        perm_k, info_k = weight_matching(spec, state_a, state_b, max_sweeps=sweeps, seed=0)
+        assert info_k["history"] == hist[:sweeps + 1]
+        objectives.append(matching_objective(spec, state_a, state_b, perm_k))
+    assert all(b >= a for a, b in zip(objectives, objectives[1:])), objectives
+    np.testing.assert_allclose(hist, objectives, rtol=1e-9)
+
+
+@pytest.mark.parametrize("arch,kwargs,in_shape", [
+    ("mlp", {"width": 64, "depth": 3}, (1, 28, 28)),
+    ("vgg", {"depth": 11, "batch_norm": True, "width": 0.125}, (3, 64, 64)),
+    ("resnet20", {"width": 1, "norm": "ln"}, (3, 32, 32)),
+], ids=["mlp", "vgg-bn-64", "resnet20-ln"])
+def test_weight_matching_float32_costs_reach_the_float64_result(arch, kwargs, in_shape):
+    state_a = make_model(arch, kwargs, in_shape, seed=0).state_dict()
+    state_b = make_model(arch, kwargs, in_shape, seed=1).state_dict()
+    spec = permutation_spec(build_model(arch, in_shape, NUM_CLASSES, **kwargs))
+    _, info64 = weight_matching(spec, state_a, state_b, seed=0, dtype=torch.float64)
+    _, info32 = weight_matching(spec, state_a, state_b, seed=0)
+    assert (info64["dtype"], info32["dtype"]) == ("float64", "float32")
+    assert info32["objective"] == pytest.approx(info64["objective"], rel=1e-6)
+    # float64 weights: stored in float64 (exact gains), matmuls in float32.
+    wide_a = {k: v.double() for k, v in state_a.items()}
+    wide_b = {k: v.double() for k, v in state_b.items()}
+    perm, info = weight_matching(spec, wide_a, wide_b, seed=0)
+    assert info["objective"] == pytest.approx(matching_objective(spec, wide_a, wide_b, perm),
+                                              rel=1e-12)
+    assert all(b >= a for a, b in zip(info["history"], info["history"][1:]))
+
+
+def toy_spec():
+    """A tensor with three permuted axes (one of them on a view) and one with a group on two
+    axes, which weight matching refuses."""
+    axes = {"w1": ("P", None), "t": ("P", "Q", None, "R"), "w2": ("Q", None), "w3": (None, "R"),
+            "b": ("P",), "s": ("Q",)}
+    shapes = {"w1": (6, 5), "t": (6, 4, 6), "w2": (4, 7), "w3": (2, 3), "b": (6,), "s": (4,)}
+    return PermutationSpec(axes, shapes, reshape={"t": (6, 4, 2, 3)})
+
+
+def test_weight_matching_tensor_with_three_permuted_axes():
+    spec = toy_spec()
+    gen = torch.Generator().manual_seed(0)
+    state_a = {k: torch.randn(s, generator=gen) for k, s in spec.shapes.items()}
+    pi = nontrivial_permutation(spec, seed=1)
+    state_b = apply_permutation(spec, pi, state_a)
+    perm, info = weight_matching(spec, state_a, state_b, seed=2)
+    assert all(torch.equal(perm[g], torch.argsort(pi[g])) for g in pi)
+    assert info["objective"] == pytest.approx(matching_objective(spec, state_a, state_a), rel=1e-12)
+    state_b = {k: torch.randn(s, generator=gen) for k, s in spec.shapes.items()}
+    perm, info = weight_matching(spec, state_a, state_b, seed=2)
+    assert info["objective"] == pytest.approx(matching_objective(spec, state_a, state_b, perm),
+                                              rel=1e-12)
+    twice = PermutationSpec({"sq": ("P", "P"), "b": ("P",)}, {"sq": (3, 3), "b": (3,)})
+    with pytest.raises(ValueError, match="two of its axes"):
+        weight_matching(twice, {"sq": torch.eye(3), "b": torch.ones(3)},
+                        {"sq": torch.eye(3), "b": torch.ones(3)})
+
+
+def test_cost_matrices_follow_moved_units_row_by_row():
+    """White box: after units move (a few at a time, so the costs are updated through the
+    moved rows, or many, so they are recomputed), each group's B matrix is B with the other
+    groups' permutations and its cost equals a fresh float64 matmul."""
+    from lmcflow import matching as m
+
+    model = make_model("resnet20", {"width": 0.5, "norm": "bn"}, (3, 32, 32))
+    spec = permutation_spec(model)
+    state_a = model.state_dict()
+    state_b = make_model("resnet20", {"width": 0.5, "norm": "bn"}, (3, 32, 32), seed=1).state_dict()
+    views = [{k: spec.view(k, s[k]).double() for k in spec.cost_keys} for s in (state_a, state_b)]
+    groups = m._build_groups(spec, *views, torch.float64, "cpu")
+    perm = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    inverse = dict(perm)
+    for grp in groups.values():
+        m._cost(grp, perm, inverse, torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    names = sorted(groups)
+    for step in range(40):
+        h = names[int(torch.randint(len(names), (1,), generator=gen))]
+        k = 2 if step % 4 else spec.sizes[h]  # mostly two units swap places, sometimes all move
+        pos = torch.randperm(spec.sizes[h], generator=gen)[:k]
+        new = perm[h].clone()
+        new[pos] = perm[h][pos[torch.roll(torch.arange(k), 1)]]
+        moved = torch.nonzero(new != perm[h]).view(-1)
+        source = inverse[h][new[moved]]
+        perm[h], inverse[h] = new, torch.argsort(new)
+        for g, grp in groups.items():
+            for i, blk in enumerate(grp.blocks):
+                if h in dict(blk.others):
+                    m._rewrite(grp, i, h, moved, source)
+        g = names[int(torch.randint(len(names), (1,), generator=gen))]
+        grp = groups[g]
+        cost = m._cost(grp, perm, inverse, torch.float64)
+        torch.testing.assert_close(cost, grp.a.T @ grp.b, rtol=1e-12, atol=1e-12)
+    for g, grp in groups.items():
+        own = {g: torch.arange(spec.sizes[g])}  # a group's own axis stays in B's unit order
+        expected = apply_permutation(spec, {**perm, **own}, state_b)
+        for blk in grp.blocks:
+            want = spec.view(blk.key, expected[blk.key]).permute(blk.order).double()
+            assert torch.equal(grp.b[blk.rows].view(blk.shape), want), (g, blk.key)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_matching_on_cuda_agrees_with_cpu():
     arch, kwargs, in_shape = "resnet20", {"width": 0.5, "norm": "bn"}, (3, 32, 32)
@@ -463,12 +601,31 @@ def test_matching_on_cuda_agrees_with_cpu():
     gpu_a = {k: v.cuda() for k, v in cpu_a.items()}
     gpu_b = {k: v.cuda() for k, v in cpu_b.items()}
     perm_gpu, info_gpu = weight_matching(spec, gpu_a, gpu_b)
+    assert info_gpu["device"].startswith("cuda") and info_gpu["dtype"] == "float32"
     assert all(p.device.type == "cpu" for p in perm_gpu.values())
     assert info_gpu["objective"] == pytest.approx(info["objective"], rel=1e-9)
     assert all(torch.equal(perm[g], perm_gpu[g]) for g in perm)
+    perm_moved, info_moved = weight_matching(spec, cpu_a, cpu_b, device="cuda")
+    assert info_moved["device"].startswith("cuda") and info_moved["history"] == info_gpu["history"]
+    assert all(torch.equal(perm_moved[g], perm_gpu[g]) for g in perm)
     assert apply_permutation(spec, perm_gpu, gpu_b)["fc.weight"].is_cuda
     data = random_images(in_shape)
     act, _ = activation_matching(model_a, model_b, spec, data, 2, 48)
     act_gpu, _ = activation_matching(model_a, model_b, spec, data, 2, 48, device="cuda")
     agree = sum(int((act[g] == act_gpu[g]).sum()) for g in act) / sum(spec.sizes.values())
     assert agree > 0.95  # float32 features differ slightly between devices
+
+
+def test_activation_matching_draws_its_images_from_every_class():
+    """Stored datasets may be sorted by class (mnist5k is): the images compared are a seeded
+    shuffled subset, so even one small batch holds every class."""
+    n, classes = 1000, 10
+    labels = torch.arange(n) * classes // n  # sorted by class, 100 per class
+    x = (labels * 25).to(torch.uint8).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous()
+    data = Data("sorted", x, labels, x[:8], labels[:8], (0.0,), (1.0,), classes)
+    model = make_model("mlp", {"width": 16, "depth": 1}, (1, 8, 8))
+    other, seen = copy.deepcopy(model), []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    activation_matching(model, other, None, data, num_batches=1, batch_size=60)
+    drawn = torch.round(torch.cat(seen)[:, 0, 0, 0] * 255 / 25).long()
+    assert len(drawn) == 60 and set(drawn.tolist()) == set(range(classes))

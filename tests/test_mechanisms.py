@@ -1,10 +1,14 @@
 """Weak additivity and commutativity against direct formulas on tiny networks."""
 
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 from torch import nn
 
-from lmcflow.mechanisms import commutativity, weak_additivity
+from lmcflow.data import load_dataset
+from lmcflow.features import probe_indices
+from lmcflow.mechanisms import commutativity, derangement, weak_additivity
 from lmcflow.metrics import DistAccumulator, dist
 from lmcflow.models import build_model
 
@@ -66,9 +70,9 @@ def test_weak_additivity_direct_and_baseline():
     want = [_direct_dist(torch.relu(mix(pa, pb)), mix(torch.relu(pa), torch.relu(pb)))
             for pa, pb in zip(pre_a, pre_b)]
     np.testing.assert_allclose(table["dist_sigma"], want, rtol=1e-6)
-    # the baseline pairs sample i of A with sample i-1 of B within each batch of 5
-    i = 6
-    other = pre_b[5 + (i - 5 - 1) % 5]
+    # the baseline pairs sample i of A with sample σ(i) of B, σ a derangement of the probe set
+    i, sigma = 6, derangement(len(samples), 0)
+    other = pre_b[sigma[i]]
     np.testing.assert_allclose(table["dist_sigma_shuffled"][i],
                                _direct_dist(torch.relu(mix(pre_a[i], other)),
                                             mix(torch.relu(pre_a[i]), torch.relu(other))), rtol=1e-6)
@@ -81,3 +85,74 @@ def test_relu_is_additive_where_pre_activations_share_signs():
     x = torch.randint(0, 256, (4, 1, 2, 2), dtype=torch.uint8)
     table = weak_additivity(net, net, x, np.arange(4), lambda u: u.float(), [0.5], batch_size=4)
     assert np.allclose(table["dist_sigma"], 0) and np.allclose(table["dist_sigma_shuffled"], 0)
+
+
+def test_derangement_moves_every_element_and_is_seeded():
+    for n in (2, 3, 10, 501):
+        sigma = derangement(n, seed=n)
+        assert sorted(sigma) == list(range(n)) and (sigma != np.arange(n)).all()
+        assert (derangement(n, seed=n) == sigma).all()
+    assert (derangement(100, 0) != derangement(100, 1)).any()
+    with pytest.raises(ValueError, match="at least 2"):
+        derangement(1, 0)
+
+
+def test_weak_additivity_baseline_partners_are_other_samples_of_mostly_other_classes():
+    """mnist5k's test split is stored sorted by class: partners within a batch would mostly
+    share the label. With a derangement of the whole probe set few do, whatever the batch."""
+    data = load_dataset("mnist5k")
+    samples = probe_indices(len(data.test_y), 500, seed=0)
+    labels = data.test_y.numpy()
+    partners = samples[derangement(len(samples), 0)]
+    assert (partners != samples).all()
+    assert (labels[partners] == labels[samples]).mean() < 0.2
+
+
+def test_weak_additivity_does_not_depend_on_the_batch_size():
+    a, b, x, samples, norm = _pair(width=7, depth=2)
+    whole = weak_additivity(a, b, x, samples, norm, alphas=[0.5], batch_size=len(samples))
+    for batch_size in (1, 3):
+        part = weak_additivity(a, b, x, samples, norm, alphas=[0.5], batch_size=batch_size)
+        part = part.sort_values(["layer", "sample"]).reset_index(drop=True)
+        ref = whole.sort_values(["layer", "sample"]).reset_index(drop=True)
+        pd.testing.assert_frame_equal(part, ref, rtol=1e-6)
+    assert whole["dist_sigma_shuffled"].notna().all() and (whole["dist_sigma_shuffled"] > 0).all()
+
+
+def test_weak_additivity_measures_the_gelu_of_a_vit():
+    """A ViT has GELUs, no ReLU: each block's GELU gets rows, computed with GELU itself."""
+    a, b, x, samples, norm = _pair("vit", patch=4, dim=8, depth=2, heads=2)
+    table = weak_additivity(a, b, x, samples, norm, alphas=[0.5], batch_size=4)
+    assert set(table["layer"]) == {"blocks.0.gelu", "blocks.1.gelu"}
+    assert set(table["activation"]) == {"GELU"} and len(table) == 2 * len(samples)
+    from lmcflow.features import capture
+    with capture(a, ["blocks.0.gelu"], inputs=True) as h_a:
+        a(norm(x))
+    with capture(b, ["blocks.0.gelu"], inputs=True) as h_b:
+        b(norm(x))
+    pa, pb = h_a["blocks.0.gelu"].flatten(1), h_b["blocks.0.gelu"].flatten(1)
+    gelu = torch.nn.functional.gelu
+    want = [_direct_dist(gelu((u + v) / 2), (gelu(u) + gelu(v)) / 2) for u, v in zip(pa, pb)]
+    got = table[table["layer"] == "blocks.0.gelu"].sort_values("sample")["dist_sigma"]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert (table["dist_sigma"] > 0).all()
+
+
+def test_weak_additivity_with_in_place_relus_and_without_activations():
+    """An in-place ReLU (torchvision style) is applied out of place: the mixed and the
+    endpoint pre-activations stay intact. A net with no activation gives an empty table."""
+    torch.manual_seed(0)
+    inplace = nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 2))
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    plain.load_state_dict(inplace.state_dict())
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    x = torch.randn(6, 1, 2, 2)
+    ident = lambda u: u  # noqa: E731
+    got = weak_additivity(inplace, other, x, np.arange(6), ident, [0.3], batch_size=3)
+    want = weak_additivity(plain, other, x, np.arange(6), ident, [0.3], batch_size=3)
+    pd.testing.assert_frame_equal(got, want)
+    assert (got["dist_sigma"] > 0).any()
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    empty = weak_additivity(linear, linear, x, np.arange(6), ident, [0.5], batch_size=3)
+    assert empty.empty and "dist_sigma" in empty and "activation" in empty

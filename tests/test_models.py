@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lmcflow.models import MLP, MODELS, VGG, ResNet20, build_model, feature_layers, has_batchnorm
+from lmcflow.models import (MLP, MODELS, VGG, ChannelLayerNorm, ResNet20, build_model,
+                            feature_layers, has_batchnorm, model_class)
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 CASES = [
@@ -18,6 +19,11 @@ CASES = [
     ("resnet20", {"width": 1, "norm": "ln"}, False),
     ("resnet20", {"width": 2, "norm": "bn"}, True),
     ("resnet20", {"width": 2, "norm": "ln"}, False),
+    ("resnet20", {"width": 1, "norm": "gn", "shortcut_kernel": 3}, False),
+    ("lenet", {}, False),
+    ("vgg", {"depth": 11, "batch_norm": True, "width": 0.125, "classifier": [32, 16]}, True),
+    ("resnet18", {"width": 0.125, "norm": "none"}, False),
+    ("resnet18", {"width": 0.125, "norm": "bn"}, True),
 ]
 IDS = [f"{a}-" + "-".join(f"{k}{v}" for k, v in kw.items()) for a, kw, _ in CASES]
 
@@ -27,7 +33,7 @@ IDS = [f"{a}-" + "-".join(f"{k}{v}" for k, v in kw.items()) for a, kw, _ in CASE
 def test_forward_hooks_and_batchnorm(arch, kwargs, bn, in_shape):
     torch.manual_seed(0)
     model = build_model(arch, in_shape, 7, **kwargs)
-    assert isinstance(model, MODELS[arch])
+    assert isinstance(model, model_class(arch))
     assert has_batchnorm(model) is bn
 
     names = feature_layers(model)
@@ -52,7 +58,8 @@ def test_forward_hooks_and_batchnorm(arch, kwargs, bn, in_shape):
 
 def test_relus_are_distinct_and_not_inplace():
     for model in (MLP((1, 28, 28), 10, width=16), VGG((3, 32, 32), 10, width=0.125),
-                  ResNet20((3, 32, 32), 10)):
+                  ResNet20((3, 32, 32), 10), build_model("lenet", (1, 28, 28), 10),
+                  build_model("resnet18", (3, 32, 32), 10, width=0.125)):
         relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
         assert relus and all(not r.inplace for r in relus)
         assert len({id(r) for r in relus}) == len(relus)
@@ -60,10 +67,74 @@ def test_relus_are_distinct_and_not_inplace():
         assert len(named) == len(relus)  # no module registered at two positions
 
 
-def test_no_dropout():
+def test_no_dropout_unless_asked_for():
     for arch, kw, _ in CASES:
         model = build_model(arch, (3, 32, 32), 10, **kw)
         assert not any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
+    vgg = build_model("vgg", (3, 32, 32), 10, width=0.125, classifier=[16, 16], dropout=0.5)
+    assert [n for n, m in vgg.named_modules() if isinstance(m, nn.Dropout)] == \
+        ["classifier.drop1", "classifier.drop2"]
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(vgg.eval()(x), vgg(x))  # eval: deterministic
+
+
+def test_lenet_is_the_llfc_papers():
+    m = build_model("lenet", (1, 28, 28), 10)
+    assert sum(p.numel() for p in m.parameters()) == 61706  # LeNet-5
+    assert m.fc1.in_features == 16 * 5 * 5 and m.conv1.padding == (2, 2)
+    assert feature_layers(m) == ["conv1", "relu1", "conv2", "relu2", "fc1", "relu3", "fc2", "relu4",
+                                 "out"]
+
+
+def test_vgg_llfc_classifier():
+    m = VGG((3, 32, 32), 10, depth=16, batch_norm=True, classifier=[4096, 4096], dropout=0.5)
+    assert [(m.classifier.fc1.in_features, m.classifier.fc1.out_features),
+            (m.classifier.fc2.in_features, m.classifier.fc2.out_features),
+            (m.out.in_features, m.out.out_features)] == [(512, 4096), (4096, 4096), (4096, 10)]
+    assert feature_layers(m)[-5:] == ["classifier.fc1", "classifier.relu1", "classifier.fc2",
+                                      "classifier.relu2", "out"]
+
+
+def test_resnet18_is_torchvisions_cifar_variant():
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    m = build_model("resnet18", (3, 32, 32), 10)
+    assert isinstance(m, ResNet) and all(isinstance(b, BasicBlock) for b in m.layer1)
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1)
+    assert isinstance(m.maxpool, nn.Identity) and isinstance(m.bn1, nn.Identity)
+    assert not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+    assert [b.conv2.out_channels for b in (m.layer1[0], m.layer2[0], m.layer3[0], m.layer4[0])] == \
+        [64, 128, 256, 512]
+    # the official code's network: same tensors, names and shapes
+    from torchvision.models import resnet18
+
+    official = resnet18(norm_layer=nn.Identity, num_classes=10)
+    official.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    official.maxpool = nn.Identity()
+    assert {k: v.shape for k, v in m.state_dict().items()} == \
+        {k: v.shape for k, v in official.state_dict().items()}
+    feats = {}
+    for n in m.feature_layers():
+        m.get_submodule(n).register_forward_hook(lambda mod, i, o, n=n: feats.__setitem__(n, o))
+    m(torch.randn(2, 3, 32, 32))
+    assert feats["relu"].shape == (2, 64, 32, 32) and feats["layer4.1"].shape == (2, 512, 4, 4)
+    half = build_model("resnet18", (3, 32, 32), 10, width=0.5, norm="bn")
+    assert half.conv1.out_channels == 32 and half.fc.in_features == 256
+    assert isinstance(half.layer2[0].downsample[1], nn.BatchNorm2d)
+
+
+def test_channel_layernorm_normalises_the_channels_at_each_position():
+    torch.manual_seed(0)
+    norm = ChannelLayerNorm(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 6, 3, 4)
+    mean, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+    want = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight.view(1, -1, 1, 1) + \
+        norm.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(norm(x), want)
+    assert isinstance(ResNet20((3, 32, 32), 10, norm="ln").layer1[0].norm1, ChannelLayerNorm)
+    assert isinstance(ResNet20((3, 32, 32), 10, norm="gn").layer1[0].norm1, nn.GroupNorm)
 
 
 def test_mlp_feature_layers_and_names():
@@ -122,7 +193,7 @@ def test_vgg_layout_and_pool_skipping():
 
 
 def test_resnet20_structure():
-    m = ResNet20((3, 32, 32), 10, width=2, norm="ln")
+    m = ResNet20((3, 32, 32), 10, width=2, norm="gn")
     assert [n for n, _ in m.stem.named_children()] == ["conv", "norm", "relu"]
     assert m.stem.conv.out_channels == 32 and m.fc.in_features == 128
     assert isinstance(m.layer1[0].norm1, nn.GroupNorm) and m.layer1[0].norm1.num_groups == 1
@@ -144,11 +215,14 @@ def test_resnet20_structure():
     assert all((feats[n] >= 0).all() for n in m.feature_layers()[:-1])  # post-ReLU
     # Float widths round: 16 * 0.5 = 8 channels.
     assert ResNet20((3, 32, 32), 10, width=0.5).stem.conv.out_channels == 8
+    sc = ResNet20((3, 32, 32), 10, shortcut_kernel=3).layer2[0].shortcut.conv
+    assert sc.kernel_size == (3, 3) and sc.padding == (1, 1) and sc.stride == (2, 2)
 
 
-def test_layernorm_variant_is_batch_independent():
+@pytest.mark.parametrize("norm", ["ln", "gn"])
+def test_layernorm_variants_are_batch_independent(norm):
     torch.manual_seed(0)
-    m = build_model("resnet20", (3, 32, 32), 10, width=1, norm="ln").train()
+    m = build_model("resnet20", (3, 32, 32), 10, width=1, norm=norm).train()
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(m(x)[:1], m(x[:1]), rtol=1e-4, atol=1e-5)
 
@@ -167,8 +241,8 @@ def test_same_seed_same_weights(arch, kwargs, _bn):
 
 
 def test_bad_arch():
-    with pytest.raises(ValueError, match="resnet18") as e:
-        build_model("resnet18", (3, 32, 32), 10)
+    with pytest.raises(ValueError, match="resnet50") as e:
+        build_model("resnet50", (3, 32, 32), 10)
     for name in MODELS:
         assert name in str(e.value)
 
@@ -193,3 +267,24 @@ def test_bad_args(arch, args, needle):
 def test_bad_in_shape():
     with pytest.raises(ValueError, match="in_shape"):
         build_model("mlp", (28, 28), 10)
+
+
+def test_torchvision_and_python_models(tmp_path):
+    m = build_model("torchvision:resnet18", (3, 32, 32), 7)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 7) and m.in_shape == (3, 32, 32)
+    layers = feature_layers(m)  # every Linear/Conv called once, in forward order
+    assert layers[0] == "conv1" and layers[-1] == "fc" and "layer2.0.downsample.0" in layers
+    with pytest.raises(ValueError, match="cannot take a batch"):
+        build_model("torchvision:resnet18", (1, 28, 28), 10)  # 3-channel stem, 1-channel data
+    (tmp_path / "mine.py").write_text(
+        "from torch import nn\n"
+        "def net(in_shape, num_classes, hidden=5):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_shape[0] * in_shape[1] * in_shape[2],"
+        " hidden), nn.ReLU(), nn.Linear(hidden, num_classes))\n"
+        "def bad(num_classes):\n    return nn.Linear(3, 4)\n")
+    net = build_model("python:mine:net", (1, 4, 4), 3, path=str(tmp_path), kwargs={"hidden": 6})
+    assert net[1].out_features == 6 and feature_layers(net) == ["1", "3"]
+    net = build_model("python:mine:net", (1, 4, 4), 3, path=str(tmp_path), feature_layers=["2"])
+    assert feature_layers(net) == ["2"]
+    with pytest.raises(ValueError, match="cannot take a batch"):
+        build_model("python:mine:bad", (1, 4, 4), 3, path=str(tmp_path))

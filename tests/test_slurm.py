@@ -53,7 +53,7 @@ SMALL = {
     }
 }
 TABLES = ["results/tables/lmc.parquet", "results/tables/llfc.parquet"]
-RULES = {"train", "train_parent", "train_child", "make_pair", "lmc", "features", "llfc", "table"}
+RULES = {"train", "train_parent", "train_child", "make_pair", "analyse_pair", "lmc_table", "table"}
 # The plugin first checks job status 40 s after a submission; a test run polls sooner. MinJobAge
 # (600 s) stays far above the 3 x this that the plugin requires for squeue.
 FAST_STATUS = ["--slurm-init-seconds-before-status-checks", "2"]
@@ -173,7 +173,7 @@ def test_a_gpu_request_reaches_sbatch_and_the_job_still_runs_on_cpu(cluster, tmp
     for rule, block in re.findall(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", dry.stdout, re.M | re.S):
         found = re.search(r"resources: .*?\bgpu=(\d+)", block)
         gpus.setdefault(rule, set()).add(found.group(1) if found else "0")
-    heavy = {"train", "train_parent", "train_child", "lmc", "features"}
+    heavy = {"train", "train_parent", "train_child", "analyse_pair"}
     assert {rule: gpus[rule] for rule in heavy} == dict.fromkeys(heavy, {"1"}), gpus
     assert gpus["table"] == {"0"}, gpus
 
@@ -192,4 +192,4 @@ def test_a_gpu_request_reaches_sbatch_and_the_job_still_runs_on_cpu(cluster, tmp
     assert job["JobState"] == "COMPLETED", job
     assert job["TresPerJob"] == "gres:gpu:1", job  # sbatch --gpus=1
     assert job["JOB_GRES"] == "gpu:1", job  # and the scheduler gave it the (fake) GPU
-    assert " on cpu, 1 threads" in (workdir / "logs/mlp/runs/seed0.log").read_text()
+    assert " on cpu, 1 threads" in (workdir / "results/logs/mlp/runs/seed0.log").read_text()

@@ -364,3 +364,27 @@ def test_evaluate_matches_direct_cross_entropy(tiny_data, arch):
     assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
     assert err == (logits.argmax(1) != y).double().mean().item()
     assert 0 < err < 1
+
+
+@pytest.mark.parametrize("arch, kwargs, epochs, lr", [
+    ("lenet", {}, 3, 0.05),
+    ("resnet18", {"width": 0.125, "norm": "none"}, 2, 0.01),  # no normalisation: a small lr
+])
+def test_the_papers_models_train_on_mnist5k(tmp_path, arch, kwargs, epochs, lr):
+    """LeNet-5 (LLFC) and the no-norm CIFAR ResNet-18 (layer-wise LMC) learn the embedded
+    MNIST subset: far above chance after a few epochs of SGD on 2000 images."""
+    import dataclasses
+
+    from lmcflow.data import load_dataset
+
+    full = load_dataset("mnist5k")
+    pick = torch.randperm(len(full.train_y), generator=torch.Generator().manual_seed(0))[:2000]
+    data = dataclasses.replace(full, train_x=full.train_x[pick], train_y=full.train_y[pick])
+    torch.manual_seed(0)
+    model = build_model(arch, data.shape, 10, **kwargs)
+    setting = TrainSetting(epochs=epochs, batch_size=32, lr=lr, momentum=0.9)
+    final = run_training(model, data, setting, noise_seed=1, ckpt_dir=tmp_path, meta={},
+                         log=lambda _: None)
+    assert final["epoch"] == epochs
+    _, error = evaluate(model, data.test_x, data.test_y, data.normalize)
+    assert error < 0.5, error  # chance is 0.9

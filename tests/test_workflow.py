@@ -38,6 +38,16 @@ TINY = {
             "layerwise": {"eval_samples": 64, "draws": 1, "steps": [0, 1], "norms": [0, 1],
                           "splits": ["test"]},
         },
+        "vit": {  # the transformer path: traced spec, token features, layer groups per block
+            "model": {"arch": "vit", "dim": 32, "depth": 2, "heads": 4},
+            "train": {"epochs": 3},
+            "spawn_epoch": 1,
+            "methods": METHODS,
+            "lmc": {"policies": ["interpolate"]},
+            "llfc": {"probe_size": 64, "batch_size": 32},
+            "layerwise": {"eval_samples": 200, "draws": 1, "random_orders": 0, "steps": [0, 1],
+                          "norms": [0, 1], "splits": ["test"]},
+        },
     }
 }
 
@@ -55,7 +65,7 @@ def test_dry_run_of_all_on_the_default_config(tmp_path):
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
     out = snakemake(tmp_path, "-n", "--cores", "8")
     assert out.returncode == 0, out.stderr
-    for rule in ("train", "train_parent", "train_child", "make_pair", "lmc", "features", "llfc",
+    for rule in ("train", "train_parent", "train_child", "make_pair", "analyse_pair", "lmc_table",
                  "table", "figure"):
         assert f"rule {rule}:" in out.stdout, rule
     assert "results/figures/fig3.pdf" in out.stdout
@@ -75,7 +85,7 @@ def test_tiny_config_end_to_end(tmp_path):
     write_config(tmp_path, TINY)
     out = snakemake(tmp_path, "--cores", "2", timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    for fig in range(1, 12):
+    for fig in range(1, 13):
         assert (tmp_path / f"results/figures/fig{fig}.pdf").stat().st_size > 1000
     for exp in ("mlp", "cnn"):
         for method in METHODS:
@@ -83,32 +93,85 @@ def test_tiny_config_end_to_end(tmp_path):
             assert {"model_a.pt", "model_b.pt", "pair.json"} <= {p.name for p in pair.iterdir()}
             assert (pair / "permutation.json").exists() == method.endswith("_matching")
     assert_permuted_endpoint(tmp_path / "results/cnn", "weight_matching")
-    assert (tmp_path / "logs/mlp/runs/seed0.log").read_text().count("epoch ") == 6
+    assert (tmp_path / "results/logs/mlp/runs/seed0.log").read_text().count("epoch ") == 6
 
     again = snakemake(tmp_path, "-n", "--cores", "2")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
-    report = snakemake(tmp_path, "--report", "report.html")
-    assert report.returncode == 0, report.stderr[-2000:]
-    html = (tmp_path / "report.html").read_text()
-    assert "fig3.pdf" in html and "LLFC holds where" in html and "llfc.parquet" in html
+    assert_reordered_config_plans_nothing(tmp_path)
+    assert_report(tmp_path)
 
     lmc = pd.read_parquet(tmp_path / "results/tables/lmc.parquet")
     assert list(lmc.columns[:3]) == ["experiment", "method", "pair"]
     assert {"alpha", "split", "loss", "error", "bn"} <= set(lmc.columns)
-    assert set(lmc.loc[lmc.experiment == "cnn", "bn"]) == {"reset", "interpolate"}
-    assert set(lmc.loc[lmc.experiment == "mlp", "bn"]) == {"none"}
+    assert set(lmc.loc[lmc.experiment == "cnn", "bn"]) == {"reset", "interpolate", "repair"}
+    assert set(lmc.loc[lmc.experiment == "mlp", "bn"]) == {"none", "repair"}
+    assert set(lmc.loc[lmc.configured, "bn"]) == {"reset", "none"}
     llfc = pd.read_parquet(tmp_path / "results/tables/llfc.parquet")
     assert {"alpha", "layer", "layer_index", "sample", "one_minus_cos_alpha", "one_minus_cos_ab",
             "coef_c"} <= set(llfc.columns)
     assert_mlp_claims(lmc[lmc.experiment == "mlp"], llfc[llfc.experiment == "mlp"])
+    assert_vit_claims(lmc[lmc.experiment == "vit"], llfc[llfc.experiment == "vit"],
+                      pd.read_parquet(tmp_path / "results/tables/layer_barriers.parquet"))
     assert_partial_rerun(tmp_path)
     tables = {t: pd.read_parquet(tmp_path / f"results/tables/{t}.parquet").query("experiment == 'mlp'")
-              for t in ("commutativity", "layer_barriers", "cumulative_barriers", "layer_robustness")}
+              for t in ("commutativity", "stitching", "layer_barriers", "cumulative_barriers",
+                        "layer_robustness")}
     assert_mechanism_claims(tables.pop("commutativity"))
+    assert_stitching_claims(tables.pop("stitching"))
+    assert_repair_claims(lmc[lmc.experiment == "mlp"])
     assert_layerwise_claims(tables)
 
 
-CROSS_EXPERIMENT_RULES = {"table", "alignment_table", "figure", "all"}
+def reversed_mappings(value):
+    """`value` with the keys of every mapping in reverse order (values unchanged)."""
+    if isinstance(value, dict):
+        return {k: reversed_mappings(value[k]) for k in reversed(list(value))}
+    if isinstance(value, list):
+        return [reversed_mappings(v) for v in value]
+    return value
+
+
+def assert_reordered_config_plans_nothing(workdir: Path) -> None:
+    """The same config with every mapping's keys in another order re-runs nothing (params are
+    compared by their text, so they must not carry the file's key order)."""
+    path = workdir / "config.yaml"
+    original = path.read_text()
+    path.write_text(yaml.safe_dump(reversed_mappings(yaml.safe_load(original)), sort_keys=False))
+    assert path.read_text() != original
+    plan = snakemake(workdir, "-n", "--cores", "2")
+    assert plan.returncode == 0 and "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout
+    path.write_text(original)
+
+
+def assert_report(workdir: Path) -> None:
+    """The report holds every figure as PDF and PNG with its caption, and every table as an HTML
+    preview a browser shows (no Parquet embedded as text)."""
+    import zipfile
+
+    out = snakemake(workdir, "--report", "report.zip")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "could not detect mimetype" not in out.stderr, out.stderr
+    with zipfile.ZipFile(workdir / "report.zip") as z:
+        names = z.namelist()
+        text = "".join(z.read(n).decode("utf-8", "replace") for n in names
+                       if n.endswith((".html", ".js", ".json")))
+    files = {Path(n).name for n in names}
+    for fig in range(1, 13):
+        assert {f"fig{fig}.pdf", f"fig{fig}.png"} <= files, fig
+    tables = ["lmc", "alignment", "llfc", "weak_additivity", "commutativity", "stitching",
+              "layer_barriers", "cumulative_barriers", "layer_robustness", "subspace", "linear_toy"]
+    for table in tables:
+        assert f"{table}.html" in files, table
+    assert not any(n.endswith(".parquet") for n in names)
+    for caption in ("LLFC: per layer", "Deep linear toy", "Preview of the long-format table"):
+        assert caption in text, caption
+    preview = next(n for n in names if n.endswith("llfc.html"))
+    with zipfile.ZipFile(workdir / "report.zip") as z:
+        page = z.read(preview).decode()
+    assert "Mean per group" in page and "one_minus_cos_alpha" in page
+
+
+CROSS_EXPERIMENT_RULES = {"table", "lmc_table", "figure", "all"}
 
 
 def planned_jobs(dry_run_stdout: str) -> list[tuple[str, str]]:
@@ -134,7 +197,8 @@ def assert_partial_rerun(workdir: Path) -> None:
     plan = snakemake(workdir, "-n", "--cores", "2")
     assert plan.returncode == 0, plan.stderr
     jobs = planned_jobs(plan.stdout)
-    assert {rule for rule, _ in jobs} >= {"train", "train_parent", "train_child", "align_pair", "lmc"}
+    assert {rule for rule, _ in jobs} >= {"train", "train_parent", "train_child", "make_pair",
+                                          "align_pair", "analyse_pair", "layerwise"}
     for rule, wildcards in jobs:
         assert rule in CROSS_EXPERIMENT_RULES or "experiment=cnn" in wildcards, (rule, wildcards)
     mlp_runs = sorted((workdir / "results/mlp/runs").rglob("*.pt"))
@@ -175,7 +239,7 @@ def test_a_killed_training_job_resumes_from_its_checkpoint(tmp_path):
     assert snakemake(killed, "--unlock").returncode == 0  # the killed run left its lock behind
     rerun = snakemake(killed, "--cores", "1", target, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming at epoch" in (killed / "logs/m/runs/seed0.log").read_text()
+    assert "resuming at epoch" in (killed / "results/logs/m/runs/seed0.log").read_text()
     assert snakemake(clean, "--cores", "1", target, timeout=600).returncode == 0
     a, b = (torch.load(d / target, weights_only=True)["model"] for d in (killed, clean))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -204,7 +268,8 @@ def assert_mlp_claims(lmc: pd.DataFrame, llfc: pd.DataFrame) -> None:
     """LMC and LLFC for spawning, neither for naive (the foundation issue's criteria)."""
     from lmcflow.metrics import barriers
 
-    test = barriers(lmc[lmc.split == "test"]).set_index("method")
+    test = barriers(lmc[(lmc.split == "test") & lmc.configured].drop(columns="configured"))
+    test = test.set_index("method")
     error = test["error_barrier"]
     assert error["spawning"] < 0.02, error
     assert error["naive"] >= 0.01 and error["naive"] > 3 * error["spawning"], error
@@ -228,17 +293,54 @@ def assert_mechanism_claims(com: pd.DataFrame) -> None:
         assert (hidden[method] < hidden["naive"]).all(), hidden
 
 
+def assert_vit_claims(lmc: pd.DataFrame, llfc: pd.DataFrame, layer_barriers: pd.DataFrame) -> None:
+    """The ViT: aligned pairs have a lower loss barrier than the naive one; LLFC per block;
+    layer-wise barriers per block."""
+    from lmcflow.barriers import barriers
+
+    loss = barriers(lmc[(lmc.split == "test") & lmc.configured].drop(columns="configured")
+                    ).set_index("method")["loss_barrier"]
+    for aligned in ("weight_matching", "activation_matching"):
+        assert loss[aligned] < loss["naive"], loss
+    assert set(llfc.layer) == {"blocks.0", "blocks.1", "head"}
+    groups = set(layer_barriers.loc[layer_barriers.experiment == "vit", "layer"])
+    assert {"blocks.0", "blocks.1", "(all)"} <= groups and "blocks.0.attn.q" not in groups
+
+
+def assert_stitching_claims(st: pd.DataFrame) -> None:
+    """A spawned pair's features are interchangeable (stitching costs little), a naive pair's
+    are not; aligning the naive pair makes them so again."""
+    own = st[st.layer == "(none)"].set_index(["method", "into"])["error"]
+    stitched = st[st.layer != "(none)"]
+    increase = (stitched["error"] - [own[(m, i)] for m, i in zip(stitched.method, stitched.into)])
+    worst = increase.groupby(stitched["method"]).max()
+    assert worst["spawning"] < 0.05, worst
+    assert worst["naive"] > 0.3, worst
+    for aligned in ("weight_matching", "activation_matching"):
+        assert worst[aligned] < worst["naive"] / 2, worst
+
+
+def assert_repair_claims(lmc: pd.DataFrame) -> None:
+    """REPAIR lowers the naive MLP pair's midpoint loss (variance collapse undone)."""
+    mid = lmc[(lmc.alpha == 0.5) & (lmc.split == "test") & (lmc.method == "naive")]
+    loss = mid.groupby("bn")["loss"].mean()
+    assert loss["repair"] < loss["none"], loss
+
+
 def assert_layerwise_claims(t: dict) -> None:
     """Naive MLP pair: large full barrier, small single-layer ones; cumulative ends at the full
     barrier; moving a layer to B hurts more than a random move of the same length."""
     naive = {k: v[(v.method == "naive") & (v.split == "test")] for k, v in t.items()}
     single = naive["layer_barriers"]
-    final = single[single.epoch == single.epoch.max()]
+    last = single.epoch.max()
+    assert all(set(v.epoch) == {0, 3, 6} for v in naive.values())  # along training, every table
+    naive = {k: v[v.epoch == last] for k, v in naive.items()}
+    final = single[single.epoch == last]
     full = final.loc[final.layer == "(all)", "loss_barrier"].item()
     assert full > 0.3
     assert (final.loc[final.layer != "(all)", "loss_barrier"] < full / 4).all(), final
-    assert set(single.epoch) == {0, 3, 6}
     cumulative = naive["cumulative_barriers"]
+    assert set(cumulative.order) == {"shallow", "deep", "random1", "random2"}
     for (_order, _into), rows in cumulative.groupby(["order", "into"]):
         assert rows.sort_values("step")["loss_barrier"].iloc[-1] == full
     moved = naive["layer_robustness"].query("step == 1 and layer != 'out'")
@@ -246,17 +348,23 @@ def assert_layerwise_claims(t: dict) -> None:
     assert (loss["random"] < loss["interpolation"]).all(), loss
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "workflow/configs").glob("*.yaml")))
+PAPER_CONFIGS = sorted(p.name for p in (REPO / "workflow/configs").glob("*.yaml")
+                       if "runs" not in p.read_text())  # not the own-checkpoint example
+
+
+@pytest.mark.parametrize("config", PAPER_CONFIGS)
 def test_paper_configs_dry_run_on_their_own(tmp_path, config):
     """A paper-scale config replaces the default one (its experiments only) and plans every figure."""
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
     out = snakemake(tmp_path, "-n", "--cores", "8", "--configfile", str(REPO / "workflow/configs" / config))
     assert out.returncode == 0, out.stderr[-3000:]
-    names = yaml.safe_load((REPO / "workflow/configs" / config).read_text())["experiments"]
+    paper = yaml.safe_load((REPO / "workflow/configs" / config).read_text())
     planned = {w.split("experiment=")[1].split(",")[0] for _, w in planned_jobs(out.stdout)
                if "experiment=" in w}
-    assert planned == set(names)
-    assert "results/figures/fig11.pdf" in out.stdout
+    assert planned == set(paper["experiments"])
+    root = paper["results"]
+    assert root != "results" and f"{root}/figures/fig11.pdf" in out.stdout
+    assert "results/figures/" not in out.stdout  # nothing of the default config's root
 
 
 def _smoke_config(config_file: Path, data_dir: Path) -> dict:
@@ -291,12 +399,141 @@ def test_paper_configs_smoke_run_on_fixture_data(tmp_path):
     _write_cifar_fixture(data_dir, per_batch=16, n_test=32)  # 80 train images: one batch of 128
     _write_mnist_fixture(data_dir / "MNIST" / "raw", seed=0, n_train=80, n_test=32)
     experiments = {}
-    for config in sorted((REPO / "workflow/configs").glob("*.yaml")):
-        experiments |= _smoke_config(config, data_dir)["experiments"]
+    for config in PAPER_CONFIGS:
+        experiments |= _smoke_config(REPO / "workflow/configs" / config, data_dir)["experiments"]
     write_config(tmp_path, {"experiments": experiments})
     out = snakemake(tmp_path, "--cores", "2", timeout=1500)
     assert out.returncode == 0, out.stderr[-4000:]
-    for fig in range(1, 12):
+    for fig in range(1, 13):
         assert (tmp_path / f"results/figures/fig{fig}.pdf").exists()
     lmc = pd.read_parquet(tmp_path / "results/tables/lmc.parquet")
     assert set(lmc.experiment) == set(experiments)
+
+
+TINY_MLP = {"model": {"arch": "mlp", "width": 16, "depth": 1}, "train": {"epochs": 1},
+            "methods": ["naive"], "layerwise": {"enabled": False}, "llfc": {"probe_size": 16}}
+
+
+def test_a_missing_dataset_stops_the_job_with_its_message_in_the_job_log(tmp_path):
+    exp = {**TINY_MLP, "data": {"name": "mnist", "data_dir": "nowhere", "download": False}}
+    write_config(tmp_path, {"experiments": {"m": exp}})
+    out = snakemake(tmp_path, "--cores", "1", "results/m/runs/seed0/final.pt")
+    assert out.returncode != 0
+    log = (tmp_path / "results/logs/m/runs/seed0.log").read_text()
+    for words in ("job failed: DatasetNotFoundError", "nowhere/MNIST/raw", "set download: true",
+                  "Traceback"):
+        assert words in log, log
+    assert "set download: true" in out.stderr  # the default profile shows the failed log
+
+
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_names_the_command_that_rebuilds_it(tmp_path):
+    """The hint in the log is a command that works: it rebuilds the file, and the usual command
+    then finishes the run (deleting the file alone would plan nothing)."""
+    write_config(tmp_path, {"experiments": {"m": TINY_MLP}})
+    target = "results/m/pairs/naive/pair0/lmc.parquet"
+    assert snakemake(tmp_path, "--cores", "2", target, timeout=600).returncode == 0
+    corrupt = tmp_path / "results/m/pairs/naive/pair0/model_a.pt"
+    corrupt.write_bytes(b"truncated")
+    out = snakemake(tmp_path, "--cores", "2", target, timeout=600)
+    assert out.returncode != 0
+    log = (tmp_path / "results/logs/m/pairs/naive/pair0/analyse_pair.log").read_text()
+    hint = "snakemake --cores 1 --force results/m/pairs/naive/pair0/model_a.pt"
+    assert "is not a readable checkpoint" in log and hint in log, log
+    fix = snakemake(tmp_path, *hint.split()[1:], timeout=600)
+    assert fix.returncode == 0, fix.stderr[-2000:]
+    assert snakemake(tmp_path, "--cores", "2", target, timeout=600).returncode == 0
+    assert len(pd.read_parquet(tmp_path / target)) == 2 * 2 * 11  # splits x (plain, REPAIR) x alphas
+
+
+def test_two_configs_in_one_directory_write_to_their_own_roots(tmp_path):
+    """The default config and a paper config plan disjoint files: each under its own root."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    outputs = {}
+    for name, extra in (("default", []), ("paper", ["--configfile", str(REPO / "workflow/configs/permutation_mnist.yaml")])):
+        plan = snakemake(tmp_path, "-n", "--cores", "2", "--printshellcmds", *extra)
+        assert plan.returncode == 0, plan.stderr[-2000:]
+        outputs[name] = {line.split(":", 1)[1].strip() for line in plan.stdout.splitlines()
+                         if line.strip().startswith(("output:", "log:"))}
+    files = {k: {f.strip() for line in v for f in line.split(",")} for k, v in outputs.items()}
+    assert files["default"] and files["paper"] and not files["default"] & files["paper"]
+    assert all(f.startswith("results/permutation_mnist/") for f in files["paper"])
+    assert "results/tables/llfc.parquet" in files["default"]
+    assert "results/permutation_mnist/figures/fig3.pdf" in files["paper"]
+
+
+def test_lint_is_clean():
+    out = subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO),
+                          "--lint"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_own_checkpoints_as_the_readme_says(tmp_path):
+    """The README's "your own checkpoints" command, in a directory holding what it asks for: two
+    torchvision ResNet-18 state dicts at checkpoints/a.pt and b.pt and CIFAR-10 under data/
+    (here a small file in CIFAR's own format)."""
+    import torch
+    import torchvision
+
+    from test_data import _write_cifar_fixture
+
+    _write_cifar_fixture(tmp_path / "data", per_batch=16, n_test=32)
+    (tmp_path / "checkpoints").mkdir()
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        state = torchvision.models.resnet18(num_classes=10).state_dict()
+        torch.save({"state_dict": state, "epoch": 7} if name == "b" else state,
+                   tmp_path / "checkpoints" / f"{name}.pt")
+    out = snakemake(tmp_path, "--cores", "2", "--configfile",
+                    str(REPO / "workflow/configs/compare_checkpoints.yaml"), timeout=1800)
+    assert out.returncode == 0, out.stderr[-4000:]
+    root = tmp_path / "results/compare"
+    for fig in (1, 2, 3, 4, 5, 6, 12):
+        assert (root / f"figures/fig{fig}.pdf").stat().st_size > 1000, fig
+    lmc = pd.read_parquet(root / "tables/lmc.parquet")
+    assert set(lmc.method) == {"naive", "weight_matching", "activation_matching"}
+    llfc = pd.read_parquet(root / "tables/llfc.parquet")
+    assert llfc.layer.nunique() == 21  # the convs and the fc of torchvision's ResNet-18
+    assert "keeps the outputs" in (root / "logs/mine/pairs/weight_matching/pair0/align_pair.log").read_text()
+
+
+USER_MODEL = """
+from torch import nn
+
+
+def small_net(in_shape, num_classes, hidden=32):
+    c, h, w = in_shape
+    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+"""
+
+
+@pytest.mark.slow
+def test_a_python_model_and_own_checkpoints_run_every_analysis(tmp_path):
+    """A model from the user's own module (python:<module>:<callable>, found in model.path)
+    with two checkpoints the user brings: every analysis and figure, layer-wise included."""
+    import torch
+
+    (tmp_path / "mymodels").mkdir()
+    (tmp_path / "mymodels" / "nets.py").write_text(USER_MODEL)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nets", tmp_path / "mymodels" / "nets.py")
+    nets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nets)
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        torch.save(nets.small_net((1, 28, 28), 10, hidden=24).state_dict(), tmp_path / f"{name}.pt")
+    write_config(tmp_path, {"experiments": {"own": {
+        "runs": {"a": "a.pt", "b": "b.pt"},
+        "model": {"arch": "python:nets:small_net", "path": "mymodels", "kwargs": {"hidden": 24}},
+        "methods": ["naive", "weight_matching", "activation_matching"],
+        "llfc": {"probe_size": 32}, "layerwise": {"eval_samples": 64, "draws": 1}}}})
+    out = snakemake(tmp_path, "--cores", "2", timeout=1200)
+    assert out.returncode == 0, out.stderr[-4000:]
+    for fig in range(1, 13):
+        assert (tmp_path / f"results/figures/fig{fig}.pdf").exists(), fig
+    barriers = pd.read_parquet(tmp_path / "results/tables/layer_barriers.parquet")
+    assert set(barriers.epoch) == {-1}  # a file of unknown epoch, no weights along training
+    assert set(barriers.layer) >= {"1", "3", "5", "(all)"}  # the Sequential's Linear layers
