@@ -156,3 +156,17 @@ def test_weak_additivity_with_in_place_relus_and_without_activations():
     linear = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     empty = weak_additivity(linear, linear, x, np.arange(6), ident, [0.5], batch_size=3)
     assert empty.empty and "dist_sigma" in empty and "activation" in empty
+
+
+def test_weak_additivity_applies_the_activation_without_its_hooks():
+    """Under the `repair` policy an activation carries a pre-hook that rescales its input;
+    Dist_σ is about σ itself, so the hook runs in A's forward passes only (one per batch), not
+    on the mixed pre-activations."""
+    a, b, x, samples, norm = _pair(width=7, depth=1)
+    calls = []
+    handle = a.relu1.register_forward_pre_hook(lambda _m, args: calls.append(len(args[0])))
+    try:
+        weak_additivity(a, b, x, samples, norm, alphas=[0.5], batch_size=5)
+    finally:
+        handle.remove()
+    assert calls.count(5) == 2  # (finding the modules called once runs a batch of one first)

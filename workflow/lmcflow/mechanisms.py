@@ -43,12 +43,13 @@ COLUMNS = ["alpha", "layer", "layer_index", "activation", "sample", "dist_sigma"
            "dist_sigma_shuffled"]
 
 
-def _out_of_place(module: nn.Module) -> nn.Module:
-    """The activation as a function that never writes into its argument."""
+def _activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation's plain function: out of place (never writes into its argument) and
+    without the module's hooks (REPAIR rescales an activation's input through a pre-hook)."""
     if getattr(module, "inplace", False):
         module = copy.copy(module)
         module.inplace = False
-    return module
+    return module.forward
 
 
 def _batches(x, samples, normalize, batch_size, device):
@@ -91,7 +92,7 @@ def weak_additivity(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, sam
     model_a.eval(), model_b.eval()
     relus = modules_of(model_a, ACTIVATIONS)
     modules = dict(model_a.named_modules())
-    sigma = {n: _out_of_place(modules[n]) for n in relus}
+    sigma = {n: _activation(modules[n]) for n in relus}
     samples = np.asarray(samples)
     partners = samples[derangement(len(samples), seed)] if len(samples) > 1 else None
     frames = []
@@ -114,7 +115,7 @@ def weak_additivity(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, sam
                             dist(act(mix(a, b_other)), mix(act(a), act(b_other))).numpy())
                 frames.append(pd.DataFrame({
                     "alpha": alpha, "layer": layer, "layer_index": i,
-                    "activation": type(act).__name__, "sample": idx,
+                    "activation": type(modules[layer]).__name__, "sample": idx,
                     "dist_sigma": dist(act(mix(a, b)), mix(act(a), act(b))).numpy(),
                     "dist_sigma_shuffled": baseline,
                 }))
