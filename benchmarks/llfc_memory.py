@@ -5,7 +5,7 @@
 Writes one pair (two MLPs of the default config's shape, untrained: memory does not depend on
 the weights) and runs the workflow's own analyse_pair script (LMC on a 3-point grid, LLFC,
 mechanisms, stitching) for every probe size, each in its own
-process so that its peak RSS (ru_maxrss) is its own: A, B and θ_α for three α streamed to
+process so that its peak RSS (VmHWM) is its own: A, B and θ_α for three α streamed to
 Parquet one row group per batch, the file read back one row group at a time into the per-sample
 LLFC table, weak additivity, commutativity and stitching. Prints probe size, the Parquet
 file's size, the job's peak RSS and wall time. The job holds one batch of features at a time,
@@ -26,6 +26,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: VmHWM, which starts afresh at exec (a
+    subprocess's ru_maxrss starts at the RSS of the process that forked it)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def child(step: str, workdir: Path, probe: int, width: int, batch: int) -> None:
@@ -58,7 +68,7 @@ def child(step: str, workdir: Path, probe: int, width: int, batch: int) -> None:
            ("lmc", "features", "llfc", "weak_additivity", "commutativity", "stitching")}
     run_script("analyse_pair", input=pair, output=out, params={"setting": setting}, wildcards=ids,
                threads=2)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    peak = peak_rss_mb()
     print(json.dumps({"peak_mb": peak, "seconds": time.perf_counter() - t0}))
 
 

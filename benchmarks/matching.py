@@ -2,9 +2,9 @@
 
 Two independently initialised networks (seeds 0 and 1, PyTorch default init) per row, matched
 with :func:`lmcflow.matching.weight_matching` (float32 costs, scipy linear_sum_assignment on the
-CPU). Models: the paper MLP 784-(512w)x3-10 and ResNet-20 (GroupNorm, "ln") on 3x32x32, at width
+CPU). Models: the paper MLP 784-(512w)x3-10 and ResNet-20 ("ln": LayerNorm over channels at every position) on 3x32x32, at width
 multipliers 1, 4, 16, 32. Each row runs in its own subprocess, so the peak memory is that row's
-alone (CPU: ru_maxrss, read right after the matching, including both float32 models; GPU:
+alone (CPU: VmHWM, read right after the matching, including both float32 models; GPU:
 torch.cuda.max_memory_allocated of the matching).
 
 The floor is the matmuls one sweep cannot avoid: for every group, for every (tensor, axis) of
@@ -44,6 +44,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: VmHWM, which starts afresh at exec (a
+    subprocess's ru_maxrss starts at the RSS of the process that forked it)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def build(model: str, width: int, seed: int, in_shape=None):
@@ -150,7 +160,7 @@ def run_one(model: str, width: int, threads: int, max_sweeps: int, device_name: 
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mb = peak_rss_mb()
     floor, gflop = matmul_floor(spec, state_a, state_b, device, min_seconds, clock)
     sweeps, hist = info["sweeps"], info["history"]
     return {
