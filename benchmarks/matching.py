@@ -36,24 +36,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _rss import peak_rss_mb  # benchmarks/ is on sys.path: scripts run from it
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB: VmHWM, which starts afresh at exec (a
-    subprocess's ru_maxrss starts at the RSS of the process that forked it)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def build(model: str, width: int, seed: int, in_shape=None):
