@@ -33,13 +33,13 @@ def test_defaults_are_not_shared_between_experiments():
 
 @pytest.mark.parametrize("patch, key, words", [
     ({"model": {"arch": "mlpp"}}, "experiments.e.model.arch", ["'mlp'", "'vgg'", "'resnet20'"]),
-    ({"model": {"arch": "mlp", "norm": "bn"}}, "experiments.e.model", ["norm"]),
+    ({"model": {"arch": "mlp", "norm": "bn"}}, "experiments.e.model.norm", ["unknown key"]),
     ({"model": {"arch": "resnet20", "norm": "in"}}, "experiments.e.model.norm", ["'bn'", "'ln'", "'gn'"]),
     ({"model": {"arch": "resnet18", "norm": "ln"}}, "experiments.e.model.norm", ["'none'"]),
     ({"lmc": {"bn": "rest"}}, "experiments.e.lmc.bn", ["'interpolate'", "'reset'"]),
     ({"train": {"lr": "fast"}}, "experiments.e.train.lr", ["number"]),
     ({"train": {"schedule": "step"}}, "experiments.e.train.schedule", ["multistep"]),
-    ({"trian": {}}, "experiments.e", ["trian"]),
+    ({"trian": {}}, "experiments.e.trian", ["did you mean train?"]),
     ({"methods": ["spawn"]}, "experiments.e.methods.0", ["spawning"]),
     ({"data": {"name": "imagenet"}}, "experiments.e.data.name", ["cifar10"]),
     ({"spawn_epoch": 10}, "experiments.e.spawn_epoch", ["train.epochs"]),
@@ -104,7 +104,7 @@ def test_canonical_sorts_every_mapping_and_keeps_lists():
     ("resnet_18", {}, ["not one of the built-in models", "resnet18"]),
 ])
 def test_models_from_elsewhere_are_checked_at_start_up(tmp_path, arch, extra, words):
-    (tmp_path / "nets.py").write_text("def make_net(num_classes):\n    pass\n")
+    (tmp_path / "nets.py").write_text("def make_net(num_classes, hidden=8):\n    pass\n")
     model = {"arch": arch, **{k: str(tmp_path) if v == "PATH" else v for k, v in extra.items()}}
     with pytest.raises(ConfigError) as err:
         validate({"experiments": {"e": {"model": model}}})
@@ -121,3 +121,54 @@ def test_own_checkpoints_need_methods_that_train_nothing():
     with pytest.raises(ConfigError, match="methods: \\['spawning'\\]"):
         validate({"experiments": {"e": {**exp, "methods": ["naive", "spawning"]}}})
     validate({"experiments": {"e": {**exp, "methods": ["naive", "weight_matching"]}}})
+
+
+@pytest.mark.parametrize("where, value, words", [
+    ("llfc", {"probe_sise": 3}, ["experiments.e.llfc.probe_sise: unknown key", "did you mean probe_size?"]),
+    ("lmcc", {}, ["experiments.e.lmcc: unknown key", "did you mean lmc?"]),
+    ("llfc", {"alphas": [0.5, 1.5]}, ["experiments.e.llfc.alphas.1: 1.5", "strictly between 0 and 1"]),
+    ("train", {"momentum": 2}, ["experiments.e.train.momentum: 2", "between 0 and 1 (both included)"]),
+    ("train", {"lr": 0}, ["experiments.e.train.lr: 0", "strictly above 0"]),
+    ("lmc", {"bn": "rest"}, ["experiments.e.lmc.bn", "did you mean reset?"]),
+])
+def test_errors_suggest_close_keys_and_word_ranges_as_intervals(where, value, words):
+    cfg = copy.deepcopy(MINIMAL)
+    cfg["experiments"]["e"][where] = value
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    for word in words:
+        assert word in str(err.value), str(err.value)
+    with pytest.raises(ConfigError, match="config key resuls: unknown key; did you mean results?"):
+        validate({**copy.deepcopy(MINIMAL), "resuls": "out"})
+
+
+@pytest.mark.parametrize("arch, kwargs, words", [
+    ("torchvision:resnet18", {"widht_per_group": 32}, ["takes no argument 'widht_per_group'",
+                                                      "did you mean width_per_group?"]),
+    ("python:nets:make_net", {"widht": 2}, ["takes no argument 'widht'", "did you mean width?"]),
+    ("python:nets:Net", {"deph": 2}, ["takes no argument 'deph'", "did you mean depth?"]),
+])
+def test_model_kwargs_are_checked_against_the_factory_at_start_up(tmp_path, arch, kwargs, words):
+    """A typo inside kwargs is refused at start-up, not in every job with a TypeError."""
+    (tmp_path / "nets.py").write_text(
+        "def make_net(in_shape, num_classes, width=8):\n    pass\n\n\n"
+        "class Net:\n    def __init__(self, num_classes, depth=2):\n        pass\n\n\n"
+        "def anything(num_classes, **kwargs):\n    pass\n")
+    model = {"arch": arch, "path": str(tmp_path), "kwargs": kwargs} if arch.startswith("python") \
+        else {"arch": arch, "kwargs": kwargs}
+    with pytest.raises(ConfigError) as err:
+        validate({"experiments": {"e": {"model": model}}})
+    assert f"config key experiments.e.model.kwargs.{next(iter(kwargs))}:" in str(err.value)
+    for word in words:
+        assert word in str(err.value), str(err.value)
+    fixed = {k.replace("widht", "width").replace("deph", "depth"): v for k, v in kwargs.items()}
+    validate({"experiments": {"e": {"model": {**model, "kwargs": fixed}}}})
+    anything = {"arch": "python:nets:anything", "path": str(tmp_path), "kwargs": {"whatever": 1}}
+    validate({"experiments": {"e": {"model": anything}}})  # **kwargs takes any name
+
+
+def test_a_python_model_path_must_be_a_folder(tmp_path):
+    (tmp_path / "nets.py").write_text("def make_net(num_classes):\n    pass\n")
+    model = {"arch": "python:nets:make_net", "path": str(tmp_path / "nets.py")}
+    with pytest.raises(ConfigError, match=f"model.path: .*nets.py is a file; .*set path: {tmp_path}"):
+        validate({"experiments": {"e": {"model": model}}})

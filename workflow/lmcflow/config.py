@@ -58,15 +58,49 @@ def validate(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
-        about = error.schema.get("description", "") if error.absolute_path else ""
-        hint = f" ({about.strip()})" if about else ""
-        raise ConfigError(f"config key {_dotted(error.absolute_path)}: {error.message}{hint}")
+        raise ConfigError(_explain(error))
     for name, exp in config["experiments"].items():
         if name in RESERVED_NAMES:
             raise ConfigError(f"config key experiments.{name}: the name is taken by the output folder "
                               f"{config['results']}/{name}/; rename the experiment")
         _check_experiment(name, exp, _builtin_archs(schema))
     return config
+
+
+def _explain(error: jsonschema.ValidationError) -> str:
+    """A schema error in the user's words: the key as a dotted path, an unknown key with the
+    close matches among the keys allowed there, a range as the interval it is."""
+    key, schema, value = _dotted(error.absolute_path), error.schema, error.instance
+    if error.validator == "additionalProperties" and isinstance(value, dict):
+        allowed = sorted(schema.get("properties", {}))
+        unknown = sorted(set(value) - set(allowed))
+        where = f"{key}.{unknown[0]}" if error.absolute_path else unknown[0]
+        return (f"config key {where}: unknown key{_suggest(unknown[0], allowed)} "
+                f"(keys allowed here: {', '.join(allowed)})")
+    if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        return f"config key {key}: {value!r} is out of range; it must be {_interval(schema)}"
+    message = error.message
+    if error.validator == "enum" and isinstance(value, str):
+        message += _suggest(value, [str(v) for v in error.validator_value])
+    about = schema.get("description", "") if error.absolute_path else ""
+    hint = f" ({about.strip()})" if about else ""
+    return f"config key {key}: {message}{hint}"
+
+
+def _interval(schema: dict) -> str:
+    """The allowed range of a number as words: 'strictly between 0 and 1', 'at least 1', ..."""
+    low = ("strictly above", schema["exclusiveMinimum"]) if "exclusiveMinimum" in schema else \
+        ("at least", schema["minimum"]) if "minimum" in schema else None
+    high = ("strictly below", schema["exclusiveMaximum"]) if "exclusiveMaximum" in schema else \
+        ("at most", schema["maximum"]) if "maximum" in schema else None
+    if low and high:
+        strict = low[0].startswith("strictly") and high[0].startswith("strictly")
+        inclusive = not low[0].startswith("strictly") and not high[0].startswith("strictly")
+        if strict or inclusive:
+            return f"{'strictly ' if strict else ''}between {low[1]} and {high[1]}" + \
+                ("" if strict else " (both included)")
+        return f"{low[0]} {low[1]} and {high[0]} {high[1]}"
+    return " ".join(str(w) for w in (low or high))
 
 
 def _builtin_archs(schema: dict) -> list[str]:
@@ -95,27 +129,115 @@ def _check_model(where: str, model: dict, builtins: list[str]) -> None:
         if name not in tvm.list_models():
             raise ConfigError(f"{key}: torchvision has no model {name!r}"
                               f"{_suggest(name, tvm.list_models())}")
+        _check_kwargs(where, model, _torchvision_parameters(tvm.get_model_builder(name)))
         return
     if kind == "python" and name:
         module, _, attr = name.partition(":")
-        folder = model.get("path")
-        found = importlib.machinery.PathFinder.find_spec(module, [folder] if folder else None)
-        found = found or importlib.util.find_spec(module) if not folder else found
-        if found is None or not found.origin or not found.origin.endswith(".py"):
-            raise ConfigError(f"{key}: python module {module!r} not found "
-                              + (f"in {folder}" if folder else "on the Python path")
-                              + "; set model.path to the directory that holds it")
-        tree = ast.parse(Path(found.origin).read_text())
-        names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-        names += [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
-                  if isinstance(t, ast.Name)]
+        origin = python_model_source(model, where)
+        tree = ast.parse(Path(origin).read_text())
+        defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        names = [*defs, *(t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+                          if isinstance(t, ast.Name))]
         if not attr or attr not in names:
-            raise ConfigError(f"{key}: {found.origin} defines no {attr!r} at its top level"
+            raise ConfigError(f"{key}: {origin} defines no {attr!r} at its top level"
                               f"{_suggest(attr, names)}")
+        if attr in defs:
+            _check_kwargs(where, model, _ast_parameters(defs[attr]))
         return
     raise ConfigError(f"{key}: {arch!r} is not one of the built-in models {sorted(builtins)}"
                       f"{_suggest(arch, builtins)} (or torchvision:<name>, "
                       "python:<module>:<callable>)")
+
+
+def python_model_source(model: dict, where: str = "experiments.<name>") -> str:
+    """The source file of a ``python:<module>:<callable>`` model: ``<module>.py`` (or a package's
+    ``__init__.py``) in the folder ``model.path``, else on the Python path. Found without
+    importing it, so a broken or slow module cannot stop the start-up check."""
+    module = model["arch"].split(":")[1]
+    folder = model.get("path")
+    key = f"config key {where}.model"
+    if folder and Path(folder).is_file():
+        raise ConfigError(f"{key}.path: {folder} is a file; path is the folder that holds "
+                          f"{module}.py: set path: {Path(folder).parent or '.'}")
+    if folder and not Path(folder).is_dir():
+        raise ConfigError(f"{key}.path: the folder {folder} does not exist (relative paths start "
+                          "from the directory you run snakemake in)")
+    found = importlib.machinery.PathFinder.find_spec(module, [folder] if folder else None)
+    found = found or importlib.util.find_spec(module) if not folder else found
+    if found is None or not found.origin or not found.origin.endswith(".py"):
+        raise ConfigError(f"{key}.arch: python module {module!r} not found "
+                          + (f"in {folder}" if folder else "on the Python path")
+                          + "; set model.path to the folder that holds it")
+    return found.origin
+
+
+def python_model_files(model: dict) -> list[str]:
+    """The files a ``python:`` model's code lies in: its module and, recursively, every module of
+    the same folder that it imports (``import helpers``, ``from helpers import x``, ``from . import
+    x``). Editing any of them changes the model, so the jobs that build it depend on them all."""
+    first = Path(python_model_source(model))
+    folder, todo, seen = first.parent, [first], []
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.append(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or "", *(a.name for a in node.names)] \
+                if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                top = name.split(".")[0]
+                for candidate in (folder / f"{top}.py", folder / top / "__init__.py"):
+                    if top and candidate.is_file():
+                        todo.append(candidate)
+    return sorted(_relative(f) for f in seen)
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it (results then do not
+    depend on where the project folder is), else absolute."""
+    path, here = path.resolve(), Path.cwd().resolve()
+    return str(path.relative_to(here)) if path.is_relative_to(here) else str(path)
+
+
+def _ast_parameters(node) -> list[str] | None:
+    """Keyword parameters a top-level function or class (its own ``__init__``) takes; None when
+    it takes any (``**kwargs``) or the class inherits its constructor."""
+    if isinstance(node, ast.ClassDef):
+        init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"),
+                    None)
+        if init is None:
+            return None
+        node = init
+    args = node.args
+    if args.kwarg is not None:
+        return None
+    return [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs) if a.arg != "self"]
+
+
+def _torchvision_parameters(builder) -> list[str] | None:
+    """Keyword arguments a torchvision builder passes on: its own and those of the class it
+    returns (builders take ``**kwargs`` for the class's constructor)."""
+    import inspect
+
+    own = [p for p in inspect.signature(builder).parameters.values() if p.kind != p.VAR_KEYWORD]
+    cls = inspect.signature(builder).return_annotation
+    if not isinstance(cls, type):
+        return None
+    init = inspect.signature(cls.__init__).parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in init):
+        return None
+    return [p.name for p in own if p.name != "weights"] + [p.name for p in init if p.name != "self"]
+
+
+def _check_kwargs(where: str, model: dict, accepted: list[str] | None) -> None:
+    """Refuse a ``kwargs`` key the model's factory does not take (None: it takes any)."""
+    unknown = sorted(set(model.get("kwargs") or {}) - set(accepted or ()))
+    if accepted is not None and unknown:
+        raise ConfigError(f"config key {where}.model.kwargs.{unknown[0]}: {model['arch']} takes no "
+                          f"argument {unknown[0]!r}{_suggest(unknown[0], accepted)} "
+                          f"(it takes: {', '.join(accepted)})")
 
 
 def _check_experiment(name: str, exp: dict, builtins: list[str] = ()) -> None:
@@ -212,6 +334,38 @@ def canonical(value):
     if isinstance(value, (list, tuple)):
         return [canonical(v) for v in value]
     return value
+
+
+def describe_params_change(before, now) -> str:
+    """The keys that differ between a job's recorded params and its new ones, e.g.
+    ``llfc.probe_size: 500 -> 400``. ``before`` and ``now`` are the reprs of the params that
+    differ (as Snakemake records them); mappings are compared key by key, so a change of one
+    setting names that setting, not the whole dictionary around it."""
+    old, new = _flat_params(before), _flat_params(now)
+    missing = "(unset)"
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing))
+    return "; ".join(f"{k}: {old.get(k, missing)} -> {new.get(k, missing)}" for k in keys)
+
+
+def _flat_params(reprs) -> dict[str, str]:
+    """Dotted key -> repr of the leaves of every mapping among the params' reprs (a param that
+    is not a mapping is one leaf, keyed by its position)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = repr(value)
+
+    for i, text in enumerate(sorted(reprs)):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        walk("" if isinstance(value, dict) else f"param{i}", value)
+    return flat
 
 
 def as_dict(setting) -> dict:
