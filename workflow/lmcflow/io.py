@@ -42,18 +42,20 @@ def save_torch(obj, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
-def load_torch(path: str | os.PathLike, map_location="cpu"):
-    """`torch.load(weights_only=True)` with an error that names the file and the likely cause."""
+def load_torch(path: str | os.PathLike, map_location="cpu", hint: str | None = None):
+    """`torch.load(weights_only=True)` with an error that names the file, the likely cause and
+    what to do: `hint` for a file the user brings, else how to make the workflow remake it."""
     import torch
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; make it with: {rebuild_command(path)}")
+        raise FileNotFoundError(f"{path} does not exist; "
+                                + (hint or f"make it with: {rebuild_command(path)}"))
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, pickle of foreign classes, not a torch file, ...
         raise ValueError(
             f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            f"rebuild it with: {rebuild_command(path)}"
+            + (hint or f"rebuild it with: {rebuild_command(path)}")
         ) from err
 
 

@@ -16,6 +16,7 @@ naive only by their alignment of B.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 
@@ -94,6 +95,51 @@ METHODS: dict[str, Method] = {
                                   activation_matching_align),
 }
 PERMUTATION_METHODS = [name for name, m in METHODS.items() if m.align is not None]
+
+
+def endpoint_hint(where: str, key: str, path: str) -> str:
+    """What to do about an endpoint file the user brings (the workflow cannot remake it)."""
+    return (f"replace {path} with a checkpoint of the configured model (config key "
+            f"{where}.runs.{key} points at it), or point that key at another file")
+
+
+def check_endpoint_files(name: str, exp: dict) -> None:
+    """Start-up check of the endpoint files an experiment names (``runs:``): each must exist, be
+    readable, and, if this workflow trained it (its ``final.pt`` stores its model spec), be of
+    the configured model. Raises ConfigError naming the file, the experiment, both models and
+    what to change. (Whether a plain state dict fits the model is checked by the pair's job,
+    which builds the model.)"""
+    from .config import ConfigError
+    from .training import load_run
+
+    where, model = f"experiments.{name}", exp["model"]
+    for key, path in exp["runs"].items():
+        if not Path(path).is_file():
+            raise ConfigError(f"config key {where}.runs.{key}: {path} does not exist; put your "
+                              "checkpoint there or change the path")
+        try:
+            spec = load_run(path, hint=endpoint_hint(where, key, path)).get("spec")
+        except ValueError as err:
+            raise ConfigError(f"config key {where}.runs.{key}: {err}") from None
+        if spec is None:
+            continue
+        stored = {"arch": spec["arch"], **spec["args"]}
+        if _architecture(stored) != _architecture(model):
+            raise ConfigError(
+                f"config key {where}.runs.{key}: {path} holds a {_describe(stored)}, but experiment "
+                f"{name} is configured for a {_describe(model)}; to compare these files set "
+                f"{where}.model to {_architecture(stored)}, or point {where}.runs.{key} at a "
+                f"checkpoint of {model['arch']}")
+
+
+def _architecture(model: dict) -> dict:
+    """What fixes a model's weights: arch and arguments (not which layers the analyses read)."""
+    return {k: v for k, v in sorted(model.items()) if k not in ("feature_layers", "layer_groups")}
+
+
+def _describe(model: dict) -> str:
+    args = ", ".join(f"{k}={v}" for k, v in _architecture(model).items() if k != "arch")
+    return f"{model['arch']} ({args})" if args else model["arch"]
 
 
 def get_method(name: str) -> Method:

@@ -183,7 +183,7 @@ STATE_KEYS = ("model", "state_dict", "model_state_dict")  # where checkpoints ke
 UNKNOWN_EPOCH = -1  # the epoch of an endpoint read from a file that does not say
 
 
-def load_run(path: str | Path, device="cpu") -> dict:
+def load_run(path: str | Path, device="cpu", hint: str | None = None) -> dict:
     """A training run's final weights as this workflow's runs hold them: ``{"model": state
     dict, "epoch", "history": epoch -> state dict, ...}``.
 
@@ -191,7 +191,7 @@ def load_run(path: str | Path, device="cpu") -> dict:
     holding one under "model", "state_dict" or "model_state_dict" (a "module." prefix that
     DataParallel adds is dropped); its epoch is UNKNOWN_EPOCH and it has no history.
     """
-    obj = load_torch(path, device)
+    obj = load_torch(path, device, hint)
     if isinstance(obj, dict) and "history" in obj and "model" in obj:
         run = obj
     else:
@@ -206,16 +206,17 @@ def load_run(path: str | Path, device="cpu") -> dict:
     return run
 
 
-def check_fits(state: dict, model: nn.Module, path: str | Path) -> None:
+def check_fits(state: dict, model: nn.Module, path: str | Path, what: str = "the model",
+               hint: str = "") -> None:
     """Raise naming the missing, unexpected or misshapen keys unless ``state`` loads into
-    ``model``."""
+    ``model`` (``what`` names the model in the message, ``hint`` says what to do)."""
     want = model.state_dict()
     missing, extra = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
-    shapes = sorted(k for k in want.keys() & state.keys() if want[k].shape != state[k].shape)
+    shapes = [f"{k} {tuple(state[k].shape)} (model: {tuple(want[k].shape)})"
+              for k in sorted(want.keys() & state.keys()) if want[k].shape != state[k].shape]
     if missing or extra or shapes:
-        raise ValueError(f"{path} does not fit the configured model {type(model).__name__}: "
-                         f"missing {missing[:5]}, unexpected {extra[:5]}, other shapes {shapes[:5]}"
-                         "; check experiments.<name>.model in the config")
+        raise ValueError(f"{path} does not fit {what}: missing {missing[:5]}, unexpected "
+                         f"{extra[:5]}, other shapes {shapes[:5]}" + (f"; {hint}" if hint else ""))
 
 
 def kept_weights(meta: dict, ckpt_dir: str | Path) -> dict[int, dict]:

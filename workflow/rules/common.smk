@@ -11,12 +11,27 @@ import sys
 # fresh interpreters, which find it through scripts/_path.py.
 sys.path.insert(0, os.path.join(workflow.basedir, "workflow"))
 
-from lmcflow.config import ConfigError, canonical, validate
-from lmcflow.pairs import METHODS, PERMUTATION_METHODS, get_method, pair_index, pair_name
+from lmcflow.config import (ConfigError, canonical, describe_params_change,
+                            python_model_files, validate)
+from lmcflow.pairs import (METHODS, PERMUTATION_METHODS, check_endpoint_files, get_method,
+                           pair_index, pair_name)
 from lmcflow.seeds import derive_seed
+
+# `snakemake -n` says why a job would run; for changed params Snakemake prints every changed
+# param whole (a job's settings are one mapping of ~900 characters). Name the changed keys.
+try:
+    from snakemake.persistence import ParamsChange
+
+    ParamsChange.__str__ = lambda change: (
+        describe_params_change(change.only_old, change.only_new) if change else "No params change")
+except ImportError:  # another Snakemake: its own wording
+    pass
 
 try:
     validate(config)
+    for _name, _exp in config["experiments"].items():
+        if "runs" in _exp:  # the user's endpoint files: present, readable, of the configured model
+            check_endpoint_files(_name, _exp)
 except ConfigError as err:
     raise WorkflowError(f"{err}\nFix it in the config file (see README: configuration).") from None
 
@@ -56,21 +71,25 @@ TORCH_JOB = ("jobs", "logs", "config", "io", "data", "models", "resnet18", "vit"
 _DIGESTS = {}
 
 
+def _file_digest(path):
+    if path not in _DIGESTS:
+        with open(path, "rb") as fh:
+            _DIGESTS[path] = hashlib.file_digest(fh, "sha256").hexdigest()[:16]
+    return _DIGESTS[path]
+
+
 def _digest(module):
-    if module not in _DIGESTS:
-        with open(os.path.join(PACKAGE, f"{module}.py"), "rb") as fh:
-            _DIGESTS[module] = hashlib.sha256(fh.read()).hexdigest()[:16]
-    return _DIGESTS[module]
+    return _file_digest(os.path.join(PACKAGE, f"{module}.py"))
 
 
 def code(*modules):
-    """A digest of the package modules a rule's script imports, as a param of the rule, so
+    """Digests of the package modules a rule's script imports, as a param of the rule, so
     a changed module re-runs the rules that import it (Snakemake's code trigger follows only
     the script file itself), an unchanged one (touched, checked out again) re-runs nothing.
     Torch jobs name TORCH_JOB too; table and figure jobs import only their few torch-free
     modules. (A param, not a list of input files: planning a large sweep checks every input of
-    every job, and this is one string per rule.)"""
-    return " ".join(f"{m}:{_digest(m)}" for m in ("__init__", *modules))
+    every job, and this is one small mapping per rule.)"""
+    return {"code": {m: _digest(m) for m in sorted(("__init__", *modules))}}
 
 
 def exp(wildcards):
@@ -98,6 +117,21 @@ def pair_files(filename, layerwise=False):
             if not layerwise or EXPERIMENTS[e]["layerwise"]["enabled"]]
 
 
+def model_files(e):
+    """Digests of a python: model's source files (file -> digest; {} for other models). A param
+    (content, not timestamp) of the jobs that build the model, as the package's own modules
+    are: editing the model re-runs what builds on it and nothing else."""
+    if not e["model"]["arch"].startswith("python:"):
+        return {}
+    return {f: _file_digest(f) for f in python_model_files(e["model"])}
+
+
+def endpoint_files(e):
+    """Digests of the endpoint files of runs:, by content: a checkpoint moved into place keeps
+    its old mtime, which Snakemake's timestamp check would take for up to date."""
+    return {e["runs"][k]: _file_digest(e["runs"][k]) for k in ("a", "b")} if "runs" in e else {}
+
+
 # ------------------------------------------------------------------ params: one experiment's values
 # Every params value goes through canonical() (keys sorted at every level): Snakemake compares
 # params by their repr, so the same config with its keys in another order plans nothing.
@@ -112,6 +146,8 @@ def run_params(kind):
         seed = int(wildcards.seed)
         run = {"data": e["data"], "model": e["model"], "train": e["train"], "device": e["device"],
                "init_seed": seed, "noise_seed": seed, "stop_epoch": e["train"]["epochs"]}
+        if model_files(e):  # part of the run's identity: an edited model does not resume old checkpoints
+            run["model_code"] = model_files(e)
         if kind == "parent":
             run["stop_epoch"] = e["spawn_epoch"]
         elif kind == "child":
@@ -126,7 +162,8 @@ def pair_params(wildcards):
     """What making a pair depends on beyond its runs: matching settings and data (for AM), and
     the model for endpoints a user brings (the workflow's own runs carry theirs)."""
     e = exp(wildcards)
-    own = {"model": e["model"]} if "runs" in e else {}
+    own = {"model": e["model"], "model_code": model_files(e), "runs": e["runs"],
+           "files": endpoint_files(e)} if "runs" in e else {}
     return canonical({"data": e["data"], "device": e["device"], "matching": e["matching"], **own})
 
 

@@ -4,17 +4,24 @@ permutation methods, permutation.json (group -> indices; model_b.pt is then π(B
 import _path  # noqa: F401  (puts the lmcflow package on sys.path)
 from lmcflow import jobs
 from lmcflow.io import save_json, save_torch
-from lmcflow.pairs import get_method
+from lmcflow.pairs import endpoint_hint, get_method
 from lmcflow.training import check_fits, load_run
 
 setting = snakemake.params.setting
 log, device = jobs.start(snakemake, setting["device"])
-run_a, run_b = load_run(snakemake.input.a), load_run(snakemake.input.b)
-# runs the workflow trained carry their model spec; files a user brings get the config's
-spec = run_a.get("spec") or jobs.model_spec(jobs.load_dataset(**setting["data"]), setting["model"])
-for run, path in ((run_a, snakemake.input.a), (run_b, snakemake.input.b)):
-    check_fits(run["model"], jobs.build(spec), path)
-    run["spec"] = spec
+experiment = snakemake.wildcards.experiment
+if "runs" in setting:  # files the user brings: always the configured model, never the file's own
+    where = f"experiments.{experiment}"
+    hints = {k: endpoint_hint(where, k, snakemake.input[k]) for k in ("a", "b")}
+    run_a, run_b = (load_run(snakemake.input[k], hint=hints[k]) for k in ("a", "b"))
+    spec = jobs.model_spec(jobs.load_dataset(**setting["data"]), setting["model"])
+    for key, run in (("a", run_a), ("b", run_b)):
+        check_fits(run["model"], jobs.build(spec), snakemake.input[key],
+                   f"{setting['model']['arch']}, the model of experiment {experiment}",
+                   f"{hints[key]}; or set {where}.model to the architecture the file holds")
+        run["spec"] = spec
+else:  # the workflow's own runs, which carry their model spec
+    run_a, run_b = load_run(snakemake.input.a), load_run(snakemake.input.b)
 method = get_method(snakemake.wildcards.method)
 state_b, extra = run_b["model"], {}
 if method.align is not None:
