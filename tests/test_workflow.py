@@ -239,7 +239,9 @@ def test_a_killed_training_job_resumes_from_its_checkpoint(tmp_path):
     assert snakemake(killed, "--unlock").returncode == 0  # the killed run left its lock behind
     rerun = snakemake(killed, "--cores", "1", target, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming at epoch" in (killed / "results/logs/m/runs/seed0.log").read_text()
+    log = (killed / "results/logs/m/runs/seed0.log").read_text()
+    earlier, _, later = log.partition("a new attempt (the lines above are from an earlier one)")
+    assert "epoch 1/40" in earlier and "resuming at epoch" in later, log  # both attempts kept
     assert snakemake(clean, "--cores", "1", target, timeout=600).returncode == 0
     a, b = (torch.load(d / target, weights_only=True)["model"] for d in (killed, clean))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -21,10 +21,11 @@ from .models import build_model
 from .training import resolve_device
 
 
-def start(snakemake, device: str = "auto") -> tuple:
-    """`logs.start` (the job's log, its exception, CPU accounting) plus torch's threads (the
-    rule's `threads`) and the device; return (log, device)."""
-    log, logger = logs.start(snakemake)
+def start(snakemake, device: str = "auto", append: bool = False) -> tuple:
+    """`logs.start` (the job's log, its exception, CPU accounting; `append` keeps an earlier
+    attempt's lines) plus torch's threads (the rule's `threads`) and the device; return (log,
+    device)."""
+    log, logger = logs.start(snakemake, append)
     torch.set_num_threads(max(1, snakemake.threads))
     device = resolve_device(device)
     log(f"on {device}, {torch.get_num_threads()} threads")

@@ -21,8 +21,10 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def start(snakemake) -> tuple[Callable[[str], None], logging.Logger]:
+def start(snakemake, append: bool = False) -> tuple[Callable[[str], None], logging.Logger]:
     """Set up logging to snakemake.log[0] (follow it with `tail -f`); return (log, logger).
+    With ``append`` (a job that goes on from an earlier attempt's files) the earlier attempt's
+    lines stay, followed by a line that marks the new attempt.
 
     An exception that ends the job is written to the log file too, message and traceback (it
     also goes to stderr as usual), so `show-failed-logs` and a look at the log show why a job
@@ -36,7 +38,8 @@ def start(snakemake) -> tuple[Callable[[str], None], logging.Logger]:
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stderr)  # progress goes to the log; only problems here
     console.setLevel(logging.INFO if not snakemake.log else logging.WARNING)
-    files = [logging.FileHandler(snakemake.log[0], mode="w")] if snakemake.log else []
+    files = [logging.FileHandler(snakemake.log[0], mode="a" if append else "w")] \
+        if snakemake.log else []
     for h in (console, *files):
         h.setFormatter(fmt)
         logger.addHandler(h)
@@ -47,7 +50,8 @@ def start(snakemake) -> tuple[Callable[[str], None], logging.Logger]:
     fast_exit = type(snakemake).__module__.startswith("snakemake")
     atexit.register(_finish, log_path, startup, failed, fast_exit)
     wildcards = ", ".join(f"{k}={v}" for k, v in snakemake.wildcards.items())
-    logger.info(f"{snakemake.rule} [{wildcards}]")
+    again = " - a new attempt (the lines above are from an earlier one)" if append else ""
+    logger.info(f"{snakemake.rule} [{wildcards}]{again}")
     return logger.info, logger
 
 

@@ -9,7 +9,9 @@ from lmcflow.io import load_torch, rebuild_command, save_torch
 from lmcflow.training import kept_weights, run_training
 
 run = snakemake.params.run
-log, device = jobs.start(snakemake, run["device"])
+ckpt_dir = Path(snakemake.output[0]).parent / "checkpoints"
+# an earlier attempt left checkpoints to resume from: keep its log lines too
+log, device = jobs.start(snakemake, run["device"], append=any(ckpt_dir.glob("epoch_*.pt")))
 data = jobs.load_dataset(**run["data"])
 spec = jobs.model_spec(data, run["model"])
 model = jobs.build(spec, device, seed=run["init_seed"])
@@ -17,7 +19,6 @@ parent = load_torch(snakemake.input.parent) if "parent" in snakemake.input.keys(
 if parent is not None and parent["epoch"] != run["spawn_epoch"]:
     raise ValueError(f"{snakemake.input.parent} is at epoch {parent['epoch']}, not spawn_epoch "
                      f"{run['spawn_epoch']}; rebuild it with: {rebuild_command(snakemake.input.parent)}")
-ckpt_dir = Path(snakemake.output[0]).parent / "checkpoints"
 timer = jobs.Timer()
 final = run_training(
     model, data, TrainSetting(**run["train"]), noise_seed=run["noise_seed"],
