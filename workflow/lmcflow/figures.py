@@ -363,8 +363,8 @@ def _profile(ax: plt.Axes, summary: pd.DataFrame, x: str, hue: str, hue_order: S
         xs = s[x].map(where) if where is not None else s[x]
         s = s.assign(_x=xs.astype(float)).sort_values("_x")
         xs, mean, sd = (s[c].to_numpy(dtype=float) for c in ("_x", "mean", "sd"))
-        ax.plot(xs, mean, marker="o", markersize=3.5, linewidth=1.3, color=palette[level],
-                label=level, **(styles or {}).get(level, {}))
+        style = {"marker": "o", "markersize": 3.5, "linewidth": 1.3} | (styles or {}).get(level, {})
+        ax.plot(xs, mean, color=palette[level], label=level, **style)
         if np.isfinite(sd).any():
             low = np.maximum(mean - sd, 0.0) if nonneg else mean - sd
             ax.fill_between(xs, low, mean + sd, color=palette[level], alpha=0.15, linewidth=0)
@@ -600,13 +600,19 @@ def fig_llfc(llfc: pd.DataFrame, out_pdf: str | Path) -> None:
     hue_order = [baseline] + [f"1 − cos_α, α={a:g}" for a in alphas]
     summary = _mean_sd(long, ["experiment", "method", "layer", "layer_index", "quantity"],
                        "value")
-    palette = _palette(hue_order)
+    # α levels apart by hue (blue, green, purple: no two oranges) and by marker; baseline grey
+    colours = sns.color_palette("colorblind", 5)
+    palette = {baseline: "0.4", **{level: colours[(0, 2, 4)[i % 3]]
+                                   for i, level in enumerate(hue_order[1:])}}
+    markers = ["v", "o", "^", "s", "D"]
+    styles = {baseline: {"linestyle": "--"},
+              **{level: {"marker": markers[i % 5], "markersize": 4}
+                 for i, level in enumerate(hue_order[1:])}}
     layers = _layers_of(summary)
     pages = _layout(_facets(summary, "method"))
     for ax, facet in _panels(pages):
         _profile(ax, facet.rows, "layer", "quantity", hue_order, palette,
-                 x_order=layers[facet.experiment], nonneg=True,
-                 styles={baseline: {"linestyle": "--"}})
+                 x_order=layers[facet.experiment], nonneg=True, styles=styles)
         _category_axis(ax, layers[facet.experiment], PANEL[0] - 0.9, "layer")
     _shared_y(_panels(pages), "E[1 − cos] (mean ± sd)", "mean")
     _finish(pages, out_pdf, order=hue_order)
