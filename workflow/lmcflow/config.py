@@ -291,6 +291,8 @@ class TrainSetting:
     gamma: float = 0.1
     augment: bool = False
     checkpoint_epochs: tuple[int, ...] = ()
+    precision: str = "fp32"
+    channels_last: bool = False
 
     def __post_init__(self):  # lists from YAML/params become tuples: hashable, immutable
         object.__setattr__(self, "milestones", tuple(self.milestones))

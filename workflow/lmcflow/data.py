@@ -12,6 +12,8 @@ on-disk formats under ``data_dir`` and only reach the network when ``download`` 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import pickle
 from dataclasses import dataclass
@@ -76,9 +78,17 @@ class Data:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float32 (x/255 - mean)/std per channel, on x's device."""
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+        mean, std = _constants(self.mean, self.std, x.device)
         return (x.float() / 255.0 - mean) / std
+
+    def to(self, device: torch.device | str) -> "Data":
+        """Both splits on ``device`` (this Data itself where they are there already): a job moves
+        its dataset once, and every batch is then indexed where the model computes."""
+        device = torch.device(device)
+        if self.train_x.device == device:
+            return self
+        move = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")}
+        return dataclasses.replace(self, **move)
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Split by name, ``train`` or ``test`` -> (x uint8 (N, C, H, W), y int64 (N,))."""
@@ -87,6 +97,14 @@ class Data:
         if name == "test":
             return self.test_x, self.test_y
         raise ValueError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
+
+
+@functools.cache
+def _constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std as (C, 1, 1) float32 tensors on ``device``, made once: a tensor
+    built from a list on a GPU is a blocking copy, and normalize runs once per batch."""
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(-1, 1, 1)  # noqa: E731
+    return as_tensor(mean), as_tensor(std)
 
 
 def load_mnist5k(data_dir=None, download: bool = False) -> Data:

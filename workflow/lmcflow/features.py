@@ -81,7 +81,7 @@ def write_features(path: str | Path, networks: dict[str, nn.Module], layers: lis
         try:
             for start in range(0, len(samples), batch_size):
                 idx = samples[start:start + batch_size]
-                xb = normalize(x[torch.as_tensor(idx)].to(device))
+                xb = normalize(x[torch.as_tensor(idx, device=x.device)].to(device))
                 arrays = {"sample": pa.array(idx, pa.int64())}
                 for net_name, net in networks.items():
                     net.eval()

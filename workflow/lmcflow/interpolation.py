@@ -60,7 +60,7 @@ def reset_bn(model: nn.Module, x: torch.Tensor, normalize: Callable, batch_size:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: every batch weighs the same
     model.train()
-    order = sample_order(len(x), seed)
+    order = sample_order(len(x), seed).to(x.device)  # drawn on the CPU, indexed where x lies
     for start in range(0, len(x), batch_size):
         model(normalize(x[order[start:start + batch_size]].to(device)))
     for m, momentum in zip(bns, saved):

@@ -828,7 +828,8 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
         log(f"activation matching: no feature modules for {unmatched}; they keep the identity")
     if len(unmatched) == len(spec.groups):
         raise ValueError(f"spec has no feature modules for any group ({unmatched})")
-    x_all = data.train_x[sample_order(len(data.train_x), seed)[: int(num_batches) * int(batch_size)]]
+    order = sample_order(len(data.train_x), seed)[: int(num_batches) * int(batch_size)]
+    x_all = data.train_x[order.to(data.train_x.device)]
     if len(x_all) == 0:
         raise ValueError("no training samples (num_batches * batch_size == 0)")
     modes = (model_a.training, model_b.training)

@@ -55,7 +55,7 @@ def _activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 def _batches(x, samples, normalize, batch_size, device):
     for start in range(0, len(samples), batch_size):
         idx = samples[start:start + batch_size]
-        yield idx, normalize(x[torch.as_tensor(idx)].to(device))
+        yield idx, normalize(x[torch.as_tensor(idx, device=x.device)].to(device))
 
 
 def _inputs_of(model_a, model_b, names, xb, xb_for_b=None):
@@ -98,13 +98,13 @@ def weak_additivity(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, sam
     frames = []
     for start in range(0, len(samples), batch_size):
         idx = samples[start:start + batch_size]
-        xb = normalize(x[torch.as_tensor(idx)].to(device))
+        xb = normalize(x[torch.as_tensor(idx, device=x.device)].to(device))
         h_a, h_b = _inputs_of(model_a, model_b, relus, xb)
         h_other = None
         if partners is not None:
             other = partners[start:start + batch_size]
             with capture(model_b, relus, inputs=True) as h_other:
-                model_b(normalize(x[torch.as_tensor(other)].to(device)))
+                model_b(normalize(x[torch.as_tensor(other, device=x.device)].to(device)))
         for i, layer in enumerate(relus):
             act = sigma[layer]
             a, b = h_a[layer].flatten(1).double(), h_b[layer].flatten(1).double()
@@ -112,11 +112,11 @@ def weak_additivity(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, sam
             for alpha in alphas:
                 mix = lambda u, v: alpha * u + (1 - alpha) * v  # noqa: E731
                 baseline = (np.full(len(idx), np.nan) if b_other is None else
-                            dist(act(mix(a, b_other)), mix(act(a), act(b_other))).numpy())
+                            dist(act(mix(a, b_other)), mix(act(a), act(b_other))).cpu().numpy())
                 frames.append(pd.DataFrame({
                     "alpha": alpha, "layer": layer, "layer_index": i,
                     "activation": type(modules[layer]).__name__, "sample": idx,
-                    "dist_sigma": dist(act(mix(a, b)), mix(act(a), act(b))).numpy(),
+                    "dist_sigma": dist(act(mix(a, b)), mix(act(a), act(b))).cpu().numpy(),
                     "dist_sigma_shuffled": baseline,
                 }))
     if not frames:

@@ -76,7 +76,7 @@ def activation_matching_align(run_a, run_b, setting, device="cpu", log=print):
     from . import jobs
     from .matching import activation_matching
 
-    m, data = setting["matching"], jobs.load_dataset(**setting["data"])
+    m, data = setting["matching"], jobs.load_dataset(**setting["data"]).to(device)
     return _permuted(run_a, run_b, setting, device, log, lambda spec, a, b: activation_matching(
         a, b, spec, data, num_batches=m["batches"], batch_size=m["batch_size"], cost=m["cost"],
         device=device, log=log, seed=m["seed"]))

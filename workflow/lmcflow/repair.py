@@ -77,7 +77,7 @@ class _Accumulator:
 @torch.no_grad()
 def _one_pass(model: nn.Module, x: Tensor, normalize: Callable, batch_size: int, device, seed: int
               ) -> None:
-    for idx in sample_order(len(x), seed).split(batch_size):
+    for idx in sample_order(len(x), seed).to(x.device).split(batch_size):
         model(normalize(x[idx].to(device)))
 
 

@@ -82,8 +82,9 @@ def stitching(model_a: nn.Module, model_b: nn.Module, x: Tensor, y: Tensor, norm
     points = stitch_points(model_a)
     keys = [(NONE, -1, into) for into in nets] + [(layer, i, into) for i, layer in enumerate(points)
                                                   for into in nets]
-    loss = dict.fromkeys(keys, 0.0)
-    wrong = dict.fromkeys(keys, 0)
+    # sums stay on the device until the end: one sync per table, not two per batch and key
+    loss = {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
+    wrong = {k: torch.zeros((), dtype=torch.int64, device=device) for k in keys}
     for start in range(0, len(y), batch_size):
         xb = normalize(x[start:start + batch_size].to(device))
         yb = y[start:start + batch_size].to(device)
@@ -93,10 +94,10 @@ def stitching(model_a: nn.Module, model_b: nn.Module, x: Tensor, y: Tensor, norm
                 logits = nets[into](xb)
             else:
                 logits = _stitched(nets[into], layer, _output_of(other[into], layer, xb), xb)
-            loss[key] += F.cross_entropy(logits.double(), yb, reduction="sum").item()
-            wrong[key] += (logits.argmax(1) != yb).sum().item()
-    rows = [{"layer": layer, "layer_index": i, "into": into, "loss": loss[k] / len(y),
-             "error": wrong[k] / len(y)} for k in keys for layer, i, into in [k]]
+            loss[key] += F.cross_entropy(logits.double(), yb, reduction="sum")
+            wrong[key] += (logits.argmax(1) != yb).sum()
+    rows = [{"layer": layer, "layer_index": i, "into": into, "loss": loss[k].item() / len(y),
+             "error": wrong[k].item() / len(y)} for k in keys for layer, i, into in [k]]
     table = pd.DataFrame(rows)
     log("stitching (test error %):\n" + (100 * table.pivot(index="layer", columns="into",
                                                            values="error")).to_string())

@@ -23,7 +23,7 @@ from lmcflow.stitching import stitching
 setting, out = snakemake.params.setting, snakemake.output
 log, device = jobs.start(snakemake, setting["device"])
 lmc, llfc = LmcSetting(**setting["lmc"]), LlfcSetting(**setting["llfc"])
-data = jobs.load_dataset(**setting["data"])
+data = jobs.load_dataset(**setting["data"]).to(device)  # once: batches are indexed on the device
 spec, state_a, state_b = jobs.load_pair(snakemake.input, device)
 ids = lambda df, **extra: jobs.with_ids(df, snakemake.wildcards, **extra)  # noqa: E731
 

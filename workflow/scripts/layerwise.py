@@ -23,6 +23,7 @@ if lw["eval_samples"]:  # a fixed subset of each split: every variant is one pas
             for s in ("train", "test")}
     data = dataclasses.replace(data, train_x=data.train_x[pick["train"]], train_y=data.train_y[pick["train"]],
                                test_x=data.test_x[pick["test"]], test_y=data.test_y[pick["test"]])
+data = data.to(device)  # once: batches are indexed on the device
 spec, state_a, state_b = jobs.load_pair(snakemake.input, device)
 run_a, run_b = load_run(snakemake.input.run_a, device), load_run(snakemake.input.run_b, device)
 model = jobs.build(spec, device)
