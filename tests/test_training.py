@@ -388,3 +388,79 @@ def test_the_papers_models_train_on_mnist5k(tmp_path, arch, kwargs, epochs, lr):
     assert final["epoch"] == epochs
     _, error = evaluate(model, data.test_x, data.test_y, data.normalize)
     assert error < 0.5, error  # chance is 0.9
+
+
+# ------------------------------------------------------------------------ the loop on devices
+
+
+def _plain_epoch(model, opt, data, s, epoch, noise_seed, device=None):
+    """The obvious loop (host indexing, a host sync per step): what train_epoch must compute."""
+    gen = torch.Generator().manual_seed(derive_seed(noise_seed, epoch))
+    torch.manual_seed(derive_seed(noise_seed, epoch, 1))
+    for group in opt.param_groups:
+        group["lr"] = lr_at(s, epoch)
+    model.train()
+    order = torch.randperm(len(data.train_y), generator=gen)
+    total = 0.0
+    for start in range(0, len(order), s.batch_size):
+        idx = order[start:start + s.batch_size]
+        x = augment(data.train_x[idx], gen) if s.augment else data.train_x[idx]
+        loss = F.cross_entropy(model(data.normalize(x)), data.train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+    return total / len(order)
+
+
+def test_train_epoch_is_the_plain_loop_bit_for_bit_on_the_cpu(tiny_data):
+    """The device-resident loop (indexing where the data lies, sums on the device) changes no
+    weight and no logged loss on the CPU."""
+    s = replace(SETTING, epochs=1)
+    runs = []
+    for epoch_fn in (train_epoch, _plain_epoch):
+        torch.manual_seed(0)
+        model = build_model("lenet", (1, 28, 28), 10, width=0.5)
+        opt = make_optimizer(model, s)
+        out = epoch_fn(model, opt, tiny_data, s, 0, 5, torch.device("cpu"))
+        runs.append((model.state_dict(), out[0] if isinstance(out, tuple) else out))
+    (got, loss_got), (want, loss_want) = runs
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert loss_got == loss_want
+
+
+def test_data_moves_once_and_is_itself_on_its_device(tiny_data):
+    assert tiny_data.to("cpu") is tiny_data
+    assert tiny_data.to(torch.device("cpu")) is tiny_data
+    moved = tiny_data.to("meta")
+    assert moved.train_x.device.type == "meta" and moved.test_y.device.type == "meta"
+    assert tiny_data.train_x.device.type == "cpu"  # the original is left where it was
+
+
+def test_bf16_and_channels_last_train_a_conv_net(tiny_data, tmp_path):
+    s = replace(SETTING, epochs=1, precision="bf16", channels_last=True)
+    torch.manual_seed(0)
+    model = build_model("lenet", (1, 28, 28), 10)
+    out = run_training(model, tiny_data, s, noise_seed=1, ckpt_dir=tmp_path, meta={}, log=Log())
+    assert all(v.dtype != torch.bfloat16 for v in out["model"].values())  # weights stay float32
+    loss, err = evaluate(model, tiny_data.test_x, tiny_data.test_y, tiny_data.normalize)
+    assert math.isfinite(loss) and err < 0.9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_follows_the_cpu_run():
+    """The same seeds on a GPU: the same data order and augmentation, so the weights after one
+    epoch agree with the CPU's up to float rounding."""
+    from lmcflow.data import load_dataset
+
+    data = load_dataset("mnist5k")
+    s = replace(SETTING, epochs=1)
+    outs = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = build_model("lenet", (1, 28, 28), 10)
+        opt = make_optimizer(model.to(device), s)
+        train_epoch(model, opt, data.to(device), s, 0, 3, torch.device(device))
+        outs.append({k: v.cpu() for k, v in model.state_dict().items()})
+    for k in outs[0]:
+        assert torch.allclose(outs[0][k].float(), outs[1][k].float(), atol=2e-3, rtol=1e-2), k
