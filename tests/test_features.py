@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -251,3 +252,53 @@ def test_llfc_first_linear_layer_is_exactly_linear(written):
     # ... and deeper layers, past a ReLU, are not exactly linear
     fc2 = table[(table.layer == "fc2") & (table.alpha == 0.5)]
     assert fc2.one_minus_cos_alpha.max() > 1e-6
+
+
+# ------------------------------------------------------- LLFC of the whole probe, a subset stored
+
+
+def test_llfc_covers_every_probe_sample_while_the_file_keeps_only_the_stored_subset(tmp_path):
+    """A probe of 1 000 samples, 50 of them stored: llfc rows for all 1 000 (computed as the
+    features stream by), a features file the size of a 50-sample probe's, and the stored
+    samples' rows equal to what the file gives back."""
+    from lmcflow.data import load_dataset
+    from lmcflow.features import stored_subset
+    from lmcflow.metrics import LlfcRows
+
+    data = load_dataset("mnist5k")  # 1 000 test images
+    nets = networks_for("mlp")
+    layers = nets["A"].feature_layers()
+    samples = probe_indices(len(data.test_y), 1000, seed=3)
+    stored = stored_subset(samples, 50, seed=3)
+    rows = LlfcRows(layers, ALPHAS)
+    write_features(tmp_path / "big.parquet", nets, layers, data.test_x, samples, data.normalize,
+                   100, log=quiet, on_batch=rows, store=stored)
+    table = rows.table()
+    assert len(samples) == 1000 and len(table) == 1000 * len(layers) * len(ALPHAS)
+    assert set(table["sample"]) == set(samples.tolist())
+    assert len(stored) == 50 and set(stored) <= set(samples)
+
+    for name, probe in (("small.parquet", stored), ("full.parquet", samples)):
+        write_features(tmp_path / name, nets, layers, data.test_x, probe, data.normalize, 100,
+                       log=quiet)
+    big, small, full = ((tmp_path / f).stat().st_size
+                        for f in ("big.parquet", "small.parquet", "full.parquet"))
+    # the subset's size (plus a few kB per row group), not the probe's
+    assert small <= big < 1.3 * small and big < 0.1 * full, (big, small, full)
+    read_back = llfc_table(tmp_path / "big.parquet")
+    assert sorted(set(read_back["sample"])) == sorted(stored.tolist())
+    same = table[table["sample"].isin(stored)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(read_back, same)
+
+
+def test_a_probe_that_stores_nothing_writes_an_empty_features_file(tiny_data, tmp_path):
+    from lmcflow.metrics import LlfcRows
+
+    nets = networks_for("mlp")
+    layers = nets["A"].feature_layers()
+    rows = LlfcRows(layers, ALPHAS)
+    write_features(tmp_path / "f.parquet", nets, layers, tiny_data.test_x, np.arange(40),
+                   tiny_data.normalize, BATCH, log=quiet, on_batch=rows, store=np.array([], int))
+    assert list(iter_feature_batches(tmp_path / "f.parquet", ["sample"])) == []
+    assert read_metadata(tmp_path / "f.parquet")["layers"] == layers
+    assert len(rows.table()) == 40 * len(layers) * len(ALPHAS)

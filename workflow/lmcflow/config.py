@@ -319,6 +319,7 @@ class LlfcSetting:
     alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
     probe_size: int = 500
     batch_size: int = 100
+    stored_samples: int = 500
 
     def __post_init__(self):
         object.__setattr__(self, "alphas", tuple(self.alphas))

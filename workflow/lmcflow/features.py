@@ -71,36 +71,64 @@ def probe_indices(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
+def stored_subset(samples: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """The probe samples whose features are written to the file: a fixed seeded subset of
+    ``size`` of them (sorted; all of them if size >= len(samples))."""
+    samples = np.asarray(samples)
+    return samples[probe_indices(len(samples), size, seed)]
+
+
 @torch.no_grad()
 def write_features(path: str | Path, networks: dict[str, nn.Module], layers: list[str],
                    x: torch.Tensor, samples: np.ndarray, normalize: Callable, batch_size: int,
-                   device="cpu", metadata: dict | None = None, log=print) -> None:
-    """Run every network on x[samples] batch by batch; write one row group per batch."""
+                   device="cpu", metadata: dict | None = None, log=print,
+                   store: np.ndarray | None = None,
+                   on_batch: Callable[[np.ndarray, dict[str, torch.Tensor]], None] | None = None
+                   ) -> None:
+    """Run every network on x[samples] batch by batch; write the features of the samples in
+    ``store`` (default: all) to ``path``, one row group per batch that has any.
+
+    ``on_batch(idx, features)`` sees every batch's features of every sample, as tensors on the
+    device keyed by `column(network, layer)` (B, D): metrics computed there cover the whole
+    probe set, however few samples the file keeps (its size is that of ``store``).
+    """
+    keep = None if store is None else np.asarray(store)
     writer = None
     with atomic_path(path) as tmp:
         try:
             for start in range(0, len(samples), batch_size):
-                idx = samples[start:start + batch_size]
+                idx = np.asarray(samples[start:start + batch_size])
                 xb = normalize(x[torch.as_tensor(idx, device=x.device)].to(device))
-                arrays = {"sample": pa.array(idx, pa.int64())}
+                feats = {}
                 for net_name, net in networks.items():
                     net.eval()
-                    with capture(net, layers) as store:
+                    with capture(net, layers) as store_:
                         net(xb)
-                    for layer in layers:
-                        feats = store[layer].float().cpu().numpy()  # (B, D)
-                        arrays[column(net_name, layer)] = pa.FixedSizeListArray.from_arrays(
-                            feats.reshape(-1), feats.shape[1])
-                table = pa.table(arrays)
-                if writer is None:
+                    feats |= {column(net_name, layer): store_[layer] for layer in layers}
+                if on_batch is not None:
+                    on_batch(idx, feats)
+                rows = np.ones(len(idx), bool) if keep is None else np.isin(idx, keep)
+                table = _feature_table(idx[rows], {k: v[torch.as_tensor(rows, device=v.device)]
+                                                   for k, v in feats.items()})
+                if writer is None:  # the first batch fixes the schema, even if it stores nothing
                     meta = {"networks": list(networks), "layers": layers, **(metadata or {})}
                     schema = table.schema.with_metadata({"lmcflow": json.dumps(meta)})
                     writer = pq.ParquetWriter(tmp, schema)
-                writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
+                if table.num_rows:
+                    writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
                 log(f"features: {start + len(idx)}/{len(samples)} samples")
         finally:
             if writer is not None:
                 writer.close()
+
+
+def _feature_table(idx: np.ndarray, feats: dict[str, torch.Tensor]) -> pa.Table:
+    """One row per sample: its index and a fixed-size float32 list per (network, layer)."""
+    arrays = {"sample": pa.array(idx, pa.int64())}
+    for name, value in feats.items():
+        value = value.float().cpu().numpy()  # (B, D)
+        arrays[name] = pa.FixedSizeListArray.from_arrays(value.reshape(-1), value.shape[1])
+    return pa.table(arrays)
 
 
 def read_metadata(path: str | Path) -> dict:

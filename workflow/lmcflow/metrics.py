@@ -19,8 +19,8 @@ from torch import Tensor
 
 from .barriers import barrier, barriers, linear_baseline  # noqa: F401  (re-exported)
 
-__all__ = ["cosine", "coef_c", "llfc_batch", "linear_baseline", "barrier", "barriers", "llfc_table",
-           "dist", "DistAccumulator"]
+__all__ = ["cosine", "coef_c", "llfc_batch", "llfc_frames", "LlfcRows", "linear_baseline", "barrier",
+           "barriers", "llfc_table", "dist", "DistAccumulator"]
 
 
 def _rows64(x: Tensor) -> Tensor:
@@ -70,12 +70,52 @@ def llfc_batch(f_a: Tensor, f_b: Tensor, f_alpha: Tensor, alpha: float) -> dict[
     }
 
 
+def llfc_frames(samples, features: dict, layers: Sequence[str], alphas: Sequence[float]
+                ) -> list[pd.DataFrame]:
+    """LLFC rows of one batch: per layer, α and sample, 1 − cos_α, 1 − cos_AB and c.
+    ``features`` maps `features.column(network, layer)` to (B, D) tensors or arrays (any
+    device; computed where they lie, in float64)."""
+    from .features import alpha_network, column
+
+    frames = []
+    as_tensor = lambda v: torch.as_tensor(v) if isinstance(v, Tensor) else torch.from_numpy(v.copy())  # noqa: E731
+    for i, layer in enumerate(layers):
+        f_a, f_b = (as_tensor(features[column(n, layer)]) for n in ("A", "B"))
+        for alpha in alphas:
+            f_alpha = as_tensor(features[column(alpha_network(alpha), layer)])
+            values = {k: v.cpu().numpy() for k, v in llfc_batch(f_a, f_b, f_alpha, alpha).items()}
+            frames.append(pd.DataFrame({"alpha": alpha, "layer": layer, "layer_index": i,
+                                        "sample": np.asarray(samples), **values}))
+    return frames
+
+
+class LlfcRows:
+    """LLFC rows collected in the streaming feature pass (`features.write_features`'s
+    ``on_batch``), so they cover every probe sample, stored in the features file or not."""
+
+    def __init__(self, layers: Sequence[str], alphas: Sequence[float]):
+        self.layers, self.alphas, self.frames = list(layers), list(alphas), []
+
+    def __call__(self, samples, features: dict) -> None:
+        self.frames += llfc_frames(samples, features, self.layers, self.alphas)
+
+    def table(self) -> pd.DataFrame:
+        """Columns: alpha, layer, layer_index, sample, one_minus_cos_alpha, one_minus_cos_ab,
+        coef_c; one row per (layer, α, sample), in that order."""
+        return _in_order(self.frames)
+
+
+def _in_order(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True).sort_values(
+        ["layer_index", "alpha", "sample"], kind="stable", ignore_index=True)
+
+
 def llfc_table(features_path, alphas: Sequence[float] | None = None) -> pd.DataFrame:
-    """Per sample, layer and α: 1 − cos_α, 1 − cos_AB and c, from a features Parquet file.
+    """Per sample, layer and α: 1 − cos_α, 1 − cos_AB and c, from a features Parquet file
+    (the samples it stores).
 
     Streams the file one row group at a time (`features.iter_feature_batches`), so memory holds
-    one batch of features, never the whole probe set. Columns: alpha, layer, layer_index,
-    sample, one_minus_cos_alpha, one_minus_cos_ab, coef_c.
+    one batch of features, never the whole probe set. Columns as `LlfcRows.table`.
     """
     from .features import alpha_network, column, iter_feature_batches, read_metadata
 
@@ -87,13 +127,9 @@ def llfc_table(features_path, alphas: Sequence[float] | None = None) -> pd.DataF
     for i, layer in enumerate(layers):
         nets = ["A", "B", *(alpha_network(a) for a in alphas)]
         for batch in iter_feature_batches(features_path, ["sample", *(column(n, layer) for n in nets)]):
-            f_a, f_b = (torch.as_tensor(batch[column(n, layer)].copy()) for n in ("A", "B"))
-            for alpha in alphas:
-                f_alpha = torch.as_tensor(batch[column(alpha_network(alpha), layer)].copy())
-                values = {k: v.numpy() for k, v in llfc_batch(f_a, f_b, f_alpha, alpha).items()}
-                frames.append(pd.DataFrame({"alpha": alpha, "layer": layer, "layer_index": i,
-                                            "sample": batch["sample"], **values}))
-    return pd.concat(frames, ignore_index=True)
+            rows = llfc_frames(batch["sample"], batch, [layer], alphas)
+            frames += [f.assign(layer_index=i) for f in rows]
+    return _in_order(frames)
 
 
 def dist(x: Tensor, y: Tensor) -> Tensor:

@@ -4,19 +4,20 @@ data, the pair and its networks are loaded once):
 - lmc.parquet: loss and error of θ_α along the α grid, train and test, under the configured
   normalisation policy and every one of `lmc.policies`;
 - LLFC on the probe set: A, B (π(B)) and θ_α for α in the llfc setting, all under the
-  configured policy (A and B are θ_1 and θ_0), their features streamed to features.parquet and
-  read back one row group at a time into llfc.parquet (1 − cos_α, 1 − cos_AB and c);
+  configured policy (A and B are θ_1 and θ_0), computed batch by batch as their features stream
+  by into llfc.parquet (1 − cos_α, 1 − cos_AB and c); the features of a seeded subset of the
+  probe (llfc.stored_samples) are kept in features.parquet;
 - the LLFC paper's analyses of the endpoints: weak additivity and commutativity on the same
   probe set, model stitching on the test split."""
 
 import _path  # noqa: F401  (puts the lmcflow package on sys.path)
 from lmcflow import jobs
 from lmcflow.config import LlfcSetting, LmcSetting
-from lmcflow.features import alpha_network, probe_indices, write_features
+from lmcflow.features import alpha_network, probe_indices, stored_subset, write_features
 from lmcflow.interpolation import lmc_table, pair_networks
 from lmcflow.io import save_parquet
 from lmcflow.mechanisms import commutativity, weak_additivity
-from lmcflow.metrics import llfc_table
+from lmcflow.metrics import LlfcRows
 from lmcflow.models import feature_layers
 from lmcflow.stitching import stitching
 
@@ -37,10 +38,15 @@ a, b = nets[1.0], nets[0.0]
 networks = {"A": a, "B": b, **{alpha_network(alpha): nets[alpha] for alpha in llfc.alphas}}
 samples = probe_indices(len(data.test_y), llfc.probe_size, seed=setting["seed"])
 
-write_features(out.features, networks, feature_layers(a), data.test_x, samples, data.normalize,
-               llfc.batch_size, device=device, log=log,
+# one pass over the probe: LLFC of every sample computed as the features stream by, the
+# features of a subset (llfc.stored_samples) kept in features.parquet
+layers = feature_layers(a)
+rows = LlfcRows(layers, llfc.alphas)
+write_features(out.features, networks, layers, data.test_x, samples, data.normalize,
+               llfc.batch_size, device=device, log=log, on_batch=rows,
+               store=stored_subset(samples, llfc.stored_samples, seed=setting["seed"]),
                metadata={**dict(snakemake.wildcards.items()), "split": "test", "bn": bn})
-table = llfc_table(out.features)
+table = rows.table()
 save_parquet(ids(table), out.llfc)
 means = table.groupby(["alpha", "layer_index", "layer"])[["one_minus_cos_alpha", "one_minus_cos_ab"]]
 log("LLFC, mean over samples:\n" + means.mean().to_string())
