@@ -17,8 +17,8 @@ inputs with crop + flip augmentation; batch 128, SGD. The data are synthetic uin
   `training.evaluate` on the test split, against its floor: the same forward passes (train mode
   for the reset, eval mode for the test split) on batches prepared on the device beforehand.
 
-Both are warmed up first (one batch) and timed best of `--reps` repetitions, the floor in the
-same process right after; on CUDA the clock is read after a synchronisation. On the CPU the
+Both are warmed up first (one batch) and timed best of `--reps` rounds, each round the
+package then its floor in the same process; on CUDA the clock is read after a synchronisation. On the CPU the
 clock is the process's CPU time (the machine may be busy with other work; one torch thread by
 default, as the workflow's jobs), on a GPU wall time. The ratio is what the package
 costs beyond the floor: data indexing, copies, normalisation and augmentation in the loop, and
@@ -62,7 +62,7 @@ class Bench:
 # a small LMC split); a GPU runs every model with GPU_DEFAULTS.
 MODELS = {
     "mlp": Bench("MLP 3×512", "mlp", {"width": 512, "depth": 3}, (1, 28, 28), False,
-                 (40, 4000, 1000, 1000)),
+                 (100, 4000, 1000, 1000)),
     "vgg16": Bench("VGG-16-BN", "vgg", {"depth": 16, "batch_norm": True}, (3, 32, 32), True,
                    (3, 500, 250, 250)),
     "resnet20x1": Bench("ResNet-20 ×1", "resnet20", {"width": 1}, (3, 32, 32), True,
@@ -82,17 +82,21 @@ def synthetic_data(shape, n_train: int, n_test: int, seed: int = 0) -> Data:
     return Data("synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:], mean, std, 10)
 
 
-def timed(fn, device: torch.device, reps: int, clock) -> float:
-    """Best time of ``fn()`` over ``reps`` runs; on CUDA synchronised before each clock read."""
-    best = float("inf")
+def timed(fns, device: torch.device, reps: int, clock) -> list[float]:
+    """Best time of each of ``fns`` over ``reps`` rounds, each round running them one after the
+    other: drift (other load, an allocator still growing its pools: the first epochs of
+    ResNet-20 x4 page-fault more) then hits the package and its floor alike. On CUDA
+    synchronised before each clock read."""
+    best = [float("inf")] * len(fns)
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tic = clock()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, clock() - tic)
+        for i, fn in enumerate(fns):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tic = clock()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[i] = min(best[i], clock() - tic)
     return best
 
 
@@ -137,10 +141,11 @@ def bench_training(b: Bench, steps: int, device, reps: int, clock) -> dict:
     opt = training.make_optimizer(model, s)
     warm = dataclasses.replace(data, train_x=data.train_x[:BATCH], train_y=data.train_y[:BATCH])
     training.train_epoch(model, opt, warm, s, 0, 0, device)  # one step: allocations, kernels
-    seconds = timed(lambda: training.train_epoch(model, opt, data, s, 1, 0, device), device, reps, clock)
     batches = floor_batches(data, s, 1, 0, device)
     floor_epoch(model, opt, batches[:1])
-    floor = timed(lambda: [t.item() for t in floor_epoch(model, opt, batches)], device, reps, clock)
+    seconds, floor = timed([lambda: training.train_epoch(model, opt, data, s, 1, 0, device),
+                            lambda: [t.item() for t in floor_epoch(model, opt, batches)]],
+                           device, reps, clock)
     return {"what": "train_epoch", "model": b.label, "steps": steps, "reset_samples": "",
             "eval_samples": "", "batch": BATCH, "seconds": seconds / steps, "floor": floor / steps}
 
@@ -195,10 +200,11 @@ def bench_lmc(b: Bench, n_train: int, n_test: int, batch: int, device, reps: int
     warm = dataclasses.replace(data, train_x=data.train_x[:batch], train_y=data.train_y[:batch],
                                test_x=data.test_x[:batch], test_y=data.test_y[:batch])
     lmc_point(model, *states, warm, batch, device)  # one batch of each: allocations, kernels
-    seconds = timed(lambda: lmc_point(model, *states, data, batch, device), device, reps, clock)
     reset, test = lmc_floor_batches(data, batch, device)
     lmc_floor(model, reset[:1], test[:1])
-    floor = timed(lambda: [t.item() for t in lmc_floor(model, reset, test)], device, reps, clock)
+    seconds, floor = timed([lambda: lmc_point(model, *states, data, batch, device),
+                            lambda: [t.item() for t in lmc_floor(model, reset, test)]],
+                           device, reps, clock)
     has_bn = bool(interpolation.batchnorm_modules(model))
     return {"what": "lmc_point", "model": b.label, "steps": "",
             "reset_samples": n_train if has_bn else 0, "eval_samples": n_test, "batch": batch,
@@ -223,12 +229,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# seconds and floor: per step (train_epoch) or per point (lmc_point)
+COLUMNS = ["what", "model", "device", "threads", "steps", "reset_samples", "eval_samples", "batch",
+           "seconds", "floor", "ratio", "target"]
+
+
 def write_tsv(rows: list[dict], path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter="\t")
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, delimiter="\t")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()}
+                         for r in rows)
 
 
 def main() -> None:
