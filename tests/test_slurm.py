@@ -8,6 +8,13 @@ slurmctld, slurmd, one fake GPU; apt-get installs the packages where they are mi
 - A job with a GPU request (`--set-resources train:gpu=1`, what `device: cuda` makes the heavy
   rules ask for) is submitted with --gpus=1, gets the fake GPU, and still trains on the CPU.
 
+- A training job cancelled mid-run (scancel, once its first epoch checkpoint exists) is
+  submitted again by the profile's `retries`, resumes from that checkpoint, and the run ends by
+  itself with the final weights of an uninterrupted run, tensor for tensor.
+- Without SLURM (no sbatch/squeue on PATH) `--profile slurm` stops at start-up with a message
+  that names what is missing, instead of failing at its first submission 40 s later; a dry run
+  still plans the SLURM run. These tests are fast and need no cluster.
+
 Every run is wrapped in `timeout`, so a run that loses track of its jobs fails instead of
 hanging; leftover jobs are cancelled and the daemons stopped at the end.
 """
@@ -193,3 +200,108 @@ def test_a_gpu_request_reaches_sbatch_and_the_job_still_runs_on_cpu(cluster, tmp
     assert job["TresPerJob"] == "gres:gpu:1", job  # sbatch --gpus=1
     assert job["JOB_GRES"] == "gpu:1", job  # and the scheduler gave it the (fake) GPU
     assert " on cpu, 1 threads" in (workdir / "results/logs/mlp/runs/seed0.log").read_text()
+
+
+# Long enough (about 7 s of training on one core) that the job is still training when the test
+# sees its first epoch checkpoint and cancels it, short enough to keep the test near a minute
+# (most of which is the wait for the plugin's status checks, at growing intervals).
+RESUMED = {"experiments": {"m": {"model": {"arch": "mlp", "width": 64, "depth": 2},
+                                 "train": {"epochs": 100}}}}
+
+
+def cancel_after_first_epoch(cluster: cluster_lib.LocalSlurm, checkpoints: Path,
+                             before: set[str]) -> dict:
+    """scancel the running training job once it has written its first epoch checkpoint (the
+    checkpoint of epoch 0 is kept only on request); return the job as it was then."""
+    cluster_lib.wait_for("the first epoch checkpoint",
+                         lambda: any(p.name != "epoch_0000.pt" for p in checkpoints.glob("*.pt")),
+                         timeout=300, interval=0.1)
+    [job] = [job for job in cluster.jobs()
+             if job["JobId"] not in before and job["JobState"] == "RUNNING"]
+    cluster.cancel(job["JobId"])
+    return job
+
+
+@pytest.mark.slow
+def test_a_cancelled_training_job_is_retried_and_ends_with_the_uninterrupted_weights(cluster,
+                                                                                     tmp_path):
+    import torch
+
+    target = "results/m/runs/seed0/final.pt"
+    cancelled, clean = tmp_path / "cancelled", tmp_path / "clean"
+    write_config(cancelled, RESUMED)
+    write_config(clean, RESUMED)
+    before = {job["JobId"] for job in cluster.jobs()}
+    start = time.monotonic()
+    try:
+        slurm_run = start_snakemake(cancelled, target, "--profile", "slurm", *FAST_STATUS,
+                                    cwd=REPO)
+        local_run = start_snakemake(clean, "--cores", "1", target, cwd=clean)
+        victim = cancel_after_first_epoch(cluster, cancelled / "results/m/runs/seed0/checkpoints",
+                                          before)
+        out = finish(slurm_run, "snakemake --profile slurm with a cancelled job")
+        finish(local_run, "snakemake --cores 1")
+    finally:
+        cluster.cancel_all()
+    elapsed = time.monotonic() - start
+
+    assert rule_of(victim) == "train"
+    jobs = sorted((job for job in cluster.jobs() if job["JobId"] not in before),
+                  key=lambda job: int(job["JobId"]))
+    assert [(job["JobId"], rule_of(job), job["JobState"]) for job in jobs] == [
+        (victim["JobId"], "train", "CANCELLED"), (jobs[-1]["JobId"], "train", "COMPLETED")]
+    assert "Trying to restart job" in out  # Snakemake's retry, not a second run of ours
+    resumed = re.search(r"resuming at epoch (\d+)",
+                        (cancelled / "results/logs/m/runs/seed0.log").read_text())
+    assert resumed and 1 <= int(resumed.group(1)) < 100, "cancelled too late: training had ended"
+    print(f"\nSLURM run with a job cancelled and resumed at epoch {resumed.group(1)}: "
+          f"{elapsed:.0f} s")
+    a, b = (torch.load(d / target, weights_only=True)["model"] for d in (cancelled, clean))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# What Snakemake itself runs before the first job (its shell, and `which` to find it).
+BASICS = ("bash", "sh", "which")
+
+
+def path_without_slurm(bin_dir: Path, fake: tuple[str, ...] = ()) -> str:
+    """A PATH with only BASICS and, for each name in `fake`, a stand-in that records that it ran:
+    no sbatch/squeue even where SLURM is installed (after the cluster tests, /usr/bin has them)."""
+    bin_dir.mkdir()
+    for name in BASICS:
+        (bin_dir / name).symlink_to(cluster_lib.which(name))
+    for name in fake:
+        (bin_dir / name).write_text(f"#!/bin/sh\necho {name} >> {bin_dir}/ran\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize("present, missing", [((), "sbatch and squeue are"),
+                                              (("sbatch",), "squeue is")])
+def test_without_slurm_the_profile_stops_at_start_up_naming_what_is_missing(tmp_path, present,
+                                                                           missing):
+    write_config(tmp_path / "run", SMALL)
+    env = {**os.environ, "PATH": path_without_slurm(tmp_path / "bin", present)}
+    start = time.monotonic()
+    out = subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory",
+                          str(tmp_path / "run"), "--profile", "slurm", *TABLES], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert out.returncode != 0
+    # before: "No such file or directory: 'sacct'" at the first submission, after 40 s
+    assert f"but {missing} not on PATH" in out.stderr, out.stderr[-3000:]
+    assert "without --profile slurm" in out.stderr and "module load slurm" in out.stderr
+    assert elapsed < 20, f"{elapsed:.0f} s"
+    assert not (tmp_path / "bin" / "ran").exists()  # no sbatch was tried
+    assert not (tmp_path / "run" / "results").exists()
+
+
+def test_a_dry_run_with_the_profile_needs_no_slurm(tmp_path):
+    write_config(tmp_path / "run", SMALL)
+    env = {**os.environ, "PATH": path_without_slurm(tmp_path / "bin")}
+    out = subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory",
+                          str(tmp_path / "run"), "--profile", "slurm", "-n", *TABLES], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rule train:" in out.stdout

@@ -249,13 +249,17 @@ class LocalSlurm:
         active = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED")
         ids = [j["JobId"] for j in self.jobs() if j.get("JobState") in active]
         if ids:
-            run(as_root(["scancel", *ids]), check=False)
+            self.cancel(*ids, check=False)
             try:
                 wait_for("cancelled jobs to end",
                          lambda: not any(j.get("JobState") in active for j in self.jobs()),
                          timeout)
             except ClusterError:
                 pass
+
+    def cancel(self, *job_ids: str, check: bool = True) -> None:
+        """scancel the jobs, as an administrator would (state CANCELLED)."""
+        run(as_root(["scancel", *job_ids]), check=check)
 
     def log(self, daemon: str = "slurmctld") -> str:
         path = self.root / "log" / f"{daemon}.log"

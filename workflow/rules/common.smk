@@ -1,10 +1,12 @@
-# Config validation (once, at load) and the input/params helpers of every rule.
+# Config validation (once, at load), the SLURM check (at start-up) and the input/params helpers of
+# every rule.
 # Results layout, under the config's own root (`results:`, default results/):
 #   {root}/{experiment}/runs/{run}/final.pt           training runs (see lmcflow.pairs)
 #   {root}/{experiment}/pairs/{method}/{pair}/...     endpoints, lmc, features, llfc
 #   {root}/tables/{table}.parquet, {root}/figures/fig*.pdf, {root}/logs/, {root}/benchmarks/
 import hashlib
 import os
+import shutil
 import sys
 
 # The package is imported here from its folder (no install step needed); jobs run scripts in
@@ -34,6 +36,39 @@ try:
             check_endpoint_files(_name, _exp)
 except ConfigError as err:
     raise WorkflowError(f"{err}\nFix it in the config file (see README: configuration).") from None
+
+# The slurm executor (--profile slurm) runs sbatch to submit and squeue for job status (the
+# profile's status command) on this machine. Where they are missing, it fails only at its first
+# submission, after its 40 s wait, with "No such file or directory: 'sacct'"; say so before any
+# job starts. Snakemake names the executor to the workflow only after reading the Snakefile, hence
+# onstart: called after planning (a second or so), before the first submission, and in a real run
+# only: a dry run needs no SLURM, and jobs (on the nodes) run with --no-hooks.
+SLURM_COMMANDS = ("sbatch", "squeue")
+
+
+def missing_slurm_commands():
+    """The SLURM commands this run needs but PATH lacks (none unless the executor is slurm)."""
+    plugin = workflow.executor_plugin
+    if plugin is None or plugin.name != "slurm":
+        return []
+    return [command for command in SLURM_COMMANDS if shutil.which(command) is None]
+
+
+def check_slurm_commands():
+    """Stop a SLURM run at start-up where sbatch or squeue is missing, saying what to do."""
+    missing = missing_slurm_commands()
+    if missing:
+        raise WorkflowError(
+            "The slurm executor (--profile slurm) submits every job with sbatch and follows it "
+            f"with squeue, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+            "not on PATH here. Run the workflow locally instead, without --profile slurm "
+            "(snakemake --cores N ...), or on a machine where SLURM is installed, or load it "
+            "first (e.g. `module load slurm`). No job was submitted.")
+
+
+onstart:
+    check_slurm_commands()
+
 
 ROOT = config["results"].rstrip("/")
 EXPERIMENTS = config["experiments"]
