@@ -13,7 +13,7 @@
 # the CPU); CORES for snakemake (4); PYTEST_ARGS (-k "cuda or gpu": the tests that need a GPU,
 # skipped on the CPU; not the SLURM ones: no SLURM and no SLURM plugin there); INSTALL venv
 # (default) or prefix; STEPS, the steps to run (default all, in the order below; install
-# always runs).
+# always runs); LIMITS, per-step timeouts replacing the defaults (e.g. "e2e=900 training=600").
 #
 # Every step runs under its own `timeout`, clipped to what is left of BUDGET, and the script
 # goes on when one fails; the summary at the end names each step's status and time, and the
@@ -97,24 +97,34 @@ step_tests() {
 step_e2e() {
     local work="$SCRATCH/e2e"
     mkdir -p "$work" "$OUT/e2e"
-    # The default config's MLP, shrunk: 2 epochs, one pair per method, layer-wise analyses off.
+    # Every analysis on the device: the default config's MLP (all methods, layer-wise on) and a
+    # narrow VGG-BN (BN reset and REPAIR), shrunk to seconds of work per job; target all.
     cat > "$work/config.yaml" <<EOF
 results: results
 experiments:
   mlp:
     data: {name: mnist5k}
     model: {arch: mlp, width: 512, depth: 3}
-    train: {epochs: 2, batch_size: 64, lr: 0.05, momentum: 0.9}
+    train: {epochs: 2, batch_size: 64, lr: 0.05, momentum: 0.9, checkpoint_epochs: [1]}
     spawn_epoch: 1
-    methods: [spawning, naive, weight_matching]
-    pairs: 1
+    methods: [spawning, naive, weight_matching, activation_matching]
     device: $DEVICE
-    llfc: {probe_size: 200}
+    llfc: {probe_size: 200, stored_samples: 50}
+    layerwise: {eval_samples: 500, draws: 2}
+  vgg:
+    data: {name: mnist5k}
+    model: {arch: vgg, depth: 11, batch_norm: true, width: 0.125}
+    train: {epochs: 1, batch_size: 64, lr: 0.05, momentum: 0.9, augment: true}
+    spawn_epoch: 0
+    methods: [spawning, naive, weight_matching]
+    device: $DEVICE
+    lmc: {points: 5, policies: [interpolate, reset, repair]}
+    llfc: {probe_size: 100}
     layerwise: {enabled: false}
 EOF
     cp "$work/config.yaml" "$OUT/e2e/"
-    snakemake --snakefile "$ROOT/Snakefile" --directory "$work" --configfile "$work/config.yaml" \
-        --cores "$CORES" results/figures/fig1.pdf results/figures/fig3.pdf
+    snakemake --snakefile "$ROOT/Snakefile" --directory "$work" --cores "$CORES" \
+        --configfile "$work/config.yaml"
     local rc=$?
     cp -r "$work/results/tables" "$work/results/figures" "$OUT/e2e/" 2>/dev/null
     (cd "$work/results" && tar czf "$OUT/e2e/logs.tar.gz" logs) 2>/dev/null
@@ -201,6 +211,7 @@ run_step() {  # NAME TIMEOUT_S: the step under its own timeout, clipped to the b
 STEPS="${STEPS:-nvidia_smi environment install tests e2e training matching_resnet20 matching_mlp}"
 declare -A LIMIT=([nvidia_smi]=30 [environment]=60 [install]=150 [tests]=120 [e2e]=240
                   [training]=240 [matching_resnet20]=150 [matching_mlp]=150)
+for item in ${LIMITS:-}; do LIMIT[${item%%=*}]=${item#*=}; done  # e.g. LIMITS="e2e=900" on a CPU
 echo "device check: DEVICE=$DEVICE, budget ${BUDGET}s, install: $INSTALL, scratch $SCRATCH"
 [[ " $STEPS " == *" install "* ]] || STEPS="install $STEPS"  # the scratch folder is new: always
 for name in $STEPS; do
