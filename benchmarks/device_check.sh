@@ -9,8 +9,8 @@
 #
 # Settings (environment): DEVICE cuda (default) or cpu; OUT (required); WHEELS (.wheels);
 # PYTHON (python3), the interpreter whose torch is used; BUDGET, seconds for the whole script
-# (450 on a GPU: a device command may run 10 minutes and the machine's time is scarce; 1200 on
-# the CPU); CORES for snakemake (4); PYTEST_ARGS (-k "cuda or gpu": the tests that need a GPU,
+# (540 on a GPU: run it with timeout_s 580, leaving the machine's start-up inside 15 minutes; 1200 on
+# the CPU); CORES for snakemake (8); PYTEST_ARGS (-k "cuda or gpu": the tests that need a GPU,
 # skipped on the CPU; not the SLURM ones: no SLURM and no SLURM plugin there); INSTALL venv
 # (default) or prefix; STEPS, the steps to run (default all, in the order below; install
 # always runs); LIMITS, per-step timeouts replacing the defaults (e.g. "e2e=900 training=600").
@@ -25,7 +25,7 @@ SELF="$ROOT/benchmarks/device_check.sh"
 export DEVICE="${DEVICE:-cuda}"
 export WHEELS="${WHEELS:-$ROOT/.wheels}"
 export PYTHON="${PYTHON:-python3}"
-export CORES="${CORES:-4}"
+export CORES="${CORES:-8}"
 export PYTEST_ARGS="${PYTEST_ARGS:--k 'cuda or gpu' --ignore=tests/test_slurm.py}"
 export INSTALL="${INSTALL:-venv}"
 export ROOT
@@ -176,7 +176,7 @@ fi
 : "${OUT:?set OUT to the folder whose contents come back}"
 mkdir -p "$OUT"
 export OUT="$(cd "$OUT" && pwd)"
-export BUDGET="${BUDGET:-$([ "$DEVICE" = cuda ] && echo 450 || echo 1200)}"
+export BUDGET="${BUDGET:-$([ "$DEVICE" = cuda ] && echo 540 || echo 1200)}"
 export SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/device-check.XXXXXX")"
 export PYTHONPATH="$ROOT/workflow${PYTHONPATH:+:$PYTHONPATH}"
 # Where the carried packages go: a venv that sees the image's packages, or (when the image's
