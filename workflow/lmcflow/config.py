@@ -293,6 +293,7 @@ class TrainSetting:
     checkpoint_epochs: tuple[int, ...] = ()
     precision: str = "fp32"
     channels_last: bool = False
+    warmup_steps: int = 0
 
     def __post_init__(self):  # lists from YAML/params become tuples: hashable, immutable
         object.__setattr__(self, "milestones", tuple(self.milestones))
