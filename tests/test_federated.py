@@ -208,3 +208,41 @@ def test_a_good_federated_config_validates():
     iid = copy.deepcopy(TINY)
     iid["federated"]["clients"] = 1000  # only non-IID shards need every class on every client
     validate({"experiments": {"f": iid}})
+
+
+@pytest.mark.slow
+def test_a_tiny_federated_config_runs_to_its_figures(tmp_path):
+    """The workflow end to end: federated runs (IID full and layers, aligned), client pairs
+    through LMC and the layer-wise analyses along rounds, the federated table and fig15."""
+    from test_workflow import snakemake, write_config
+
+    exp = {"model": {"arch": "mlp", "width": 32, "depth": 2}, "train": {"epochs": 3},
+           "methods": ["federated_full", "federated_layers", "federated_global_layers",
+                       "federated_aligned"],
+           "federated": {"clients": 3, "shards": "dirichlet", "beta": 0.3, "layers": ["fc1"],
+                         "keep_rounds": [0, 1]},
+           "lmc": {"points": 5, "policies": ["interpolate"]}, "llfc": {"probe_size": 32},
+           "layerwise": {"eval_samples": 200, "draws": 1, "random_orders": 0, "steps": [0, 1],
+                         "norms": [0, 1], "splits": ["test"]}}
+    write_config(tmp_path, {"experiments": {"fed": exp}})
+    figures = [f"results/figures/fig{n}.pdf" for n in (1, 7, 8, 15)]
+    out = snakemake(tmp_path, "--cores", "2", *figures, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for fig in figures:
+        assert (tmp_path / fig).stat().st_size > 1000
+    table = pd.read_parquet(tmp_path / "results/tables/federated.parquet")
+    assert {"experiment", "aggregation", "pair", "seed", "round", "model", "client", "loss",
+            "error", "shard_size", "label_entropy"} <= set(table.columns)
+    assert set(table.aggregation) == {"full", "layers", "aligned"}
+    assert sorted(table["round"].unique()) == [0, 1, 2, 3]
+    assert len(table) == 3 * 4 * 4  # aggregations x rounds x (global + 3 clients)
+    last = table[(table["round"] == 3) & (table["model"] == "global")]
+    assert (last["error"] < 0.5).all(), last
+    run = tmp_path / "results/fed/federated/layers/seed0"
+    assert {f"client{k}.pt" for k in range(3)} | {"global.pt"} <= {p.name for p in run.iterdir()}
+    barriers = pd.read_parquet(tmp_path / "results/tables/layer_barriers.parquet")
+    assert sorted(barriers["epoch"].unique()) == [0, 1, 3]  # kept rounds and the last
+    at_init = barriers[barriers["epoch"] == 0]
+    assert (at_init["loss_barrier"].abs() < 1e-6).all()  # round 0: the clients are one network
+    again = snakemake(tmp_path, "-n", "--cores", "2", *figures)
+    assert "Nothing to be done" in again.stdout + again.stderr
