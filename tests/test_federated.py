@@ -111,9 +111,16 @@ def test_aligned_averaging_undoes_permutations_of_the_global_model():
         for c, st in zip(clients, local):
             c.load_state_dict(st)
         opts = [make_optimizer(c, SETTING) for c in clients]
+        for c, o in zip(clients, opts):  # momentum = the client's own (permuted) weights
+            for p in c.parameters():
+                o.state[p]["momentum_buffer"] = p.detach().clone()
         new = aggregate(clients, opts, local, [4, 4, 4], glob, aggregation, keys, spec,
                         log=lambda m: None)
         assert equal_states(new, glob) == exact, aggregation
+        if exact:  # the momentum was permuted with its weights: now the global model's
+            for c, o in zip(clients, opts):
+                for name, p in c.named_parameters():
+                    assert torch.equal(o.state[p]["momentum_buffer"], glob[name]), name
 
 
 def test_shards_partition_the_training_split_and_follow_beta(tiny_data):
