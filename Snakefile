@@ -18,6 +18,7 @@ include: "workflow/rules/training.smk"
 include: "workflow/rules/pairs.smk"
 include: "workflow/rules/analyses.smk"
 include: "workflow/rules/layerwise.smk"
+include: "workflow/rules/federated.smk"
 include: "workflow/rules/figures.smk"
 
 

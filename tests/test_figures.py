@@ -157,7 +157,7 @@ def _run(fig, table, tmp_path, name):
 
 
 def test_registry_has_all_figures():
-    assert list(FIGURES) == [f"fig{i}" for i in range(1, 13)]
+    assert list(FIGURES) == [f"fig{i}" for i in (*range(1, 13), 15)]
     assert all(callable(f) for f in FIGURES.values())
 
 
@@ -502,3 +502,18 @@ def test_fig_linear_toy_into_a_and_b_are_separate_series(tmp_path, monkeypatch):
     assert series[("a", layer1)][1].endswith("16.00") and series[("a", layer2)][1].endswith("0.20")
     assert series[("b", layer1)][1].endswith("0.20") and series[("b", layer2)][1].endswith("16.00")
     assert series[("a", figures.TOY_LABELS["full"])][1].endswith("3.16")
+
+
+def test_fig_federated_fits_a_page_and_reads_rounds(tmp_path):
+    """fig15: one row of two panels per experiment (error and loss per round), global model and
+    clients per aggregation; pages within 7.8 in wide."""
+    rng = np.random.default_rng(0)
+    rows = [{"experiment": exp, "aggregation": agg, "pair": "pair0", "seed": 0,
+             "shards": "dirichlet β=0.1", "round": r, "epoch": r, "model": m, "client": k,
+             "split": "test", "loss": float(rng.uniform(0.2, 2)), "error": float(rng.uniform(0, 1))}
+            for exp in ("fed_iid", "fed_dirichlet") for agg in ("full", "layers", "aligned")
+            for r in range(5) for k, m in [(-1, "global"), *((k, f"client{k}") for k in range(4))]]
+    out = _run(figures.fig_federated, pd.DataFrame(rows), tmp_path, "fig15")
+    pages = _pdf_pages(out)
+    assert len(pages) == 1
+    assert all(w <= 7.8 + 1e-6 and h <= 11.0 for w, h in pages), pages

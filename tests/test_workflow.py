@@ -382,6 +382,8 @@ def _smoke_config(config_file: Path, data_dir: Path) -> dict:
         e["train"].update(epochs=1, batch_size=128, milestones=[1], checkpoint_epochs=[0])
         e.update(spawn_epoch=0, threads=1, device="cpu", matching={"batches": 1, "batch_size": 32})
         e["llfc"] = {"probe_size": 8, "batch_size": 8}
+        if "federated" in e:  # one round of two clients (8 images of a class in the fixture)
+            e["federated"].update(clients=2, local_epochs=1, keep_rounds=[0], min_shard=1)
         e["lmc"] = {**e.get("lmc", {}), "points": 3, "batch_size": 64}
         # interpolated BN statistics: no reset pass per variant, and the batched (vmap) path
         e["layerwise"] = {"eval_samples": 8, "draws": 1, "steps": [1], "norms": [1],

@@ -266,6 +266,66 @@ def _check_experiment(name: str, exp: dict, builtins: list[str] = ()) -> None:
             )
     if train["schedule"] == "multistep" and not train["milestones"]:
         raise ConfigError(f"config key {where}.train.milestones: multistep needs at least one")
+    _check_federated(where, exp)
+
+
+# fewest training samples of a class, per dataset (imagefolder: checked by the job)
+MIN_CLASS_SAMPLES = {"mnist5k": 400, "mnist": 5421, "fashion_mnist": 6000, "cifar10": 5000}
+IMAGE_SHAPES = {"mnist5k": (1, 28, 28), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28),
+                "cifar10": (3, 32, 32)}
+
+
+def federated_aggregations(exp: dict) -> list[str]:
+    """The aggregations whose federated runs an experiment's methods need (federated_<agg>,
+    federated_global_<agg>), in a fixed order."""
+    wanted = {m.rpartition("_")[2] for m in exp["methods"] if m.startswith("federated_")}
+    return [a for a in ("full", "layers", "aligned") if a in wanted]
+
+
+def _check_federated(where: str, exp: dict) -> None:
+    aggregations = federated_aggregations(exp)
+    if not aggregations:
+        return
+    fed, epochs, key = exp["federated"], exp["train"]["epochs"], f"config key {where}.federated"
+    if epochs % fed["local_epochs"]:
+        raise ConfigError(f"{key}.local_epochs: {fed['local_epochs']} does not divide "
+                          f"train.epochs ({epochs}); rounds are train.epochs / local_epochs")
+    rounds = epochs // fed["local_epochs"]
+    late = sorted(r for r in fed["keep_rounds"] if r > rounds)
+    if late:
+        raise ConfigError(f"{key}.keep_rounds: rounds {late} lie after the last of the "
+                          f"{rounds} rounds (train.epochs / local_epochs)")
+    fewest = MIN_CLASS_SAMPLES.get(exp["data"]["name"])
+    if fed["shards"] == "dirichlet" and fewest is not None and fed["clients"] > fewest:
+        raise ConfigError(f"{key}.clients: {fed['clients']} clients, but a class of "
+                          f"{exp['data']['name']} has only {fewest} training samples; non-IID "
+                          "(dirichlet) shards need at most that many clients")
+    if "layers" in aggregations:
+        methods = [m for m in exp["methods"] if m.endswith("_layers")]
+        if not fed["layers"]:
+            raise ConfigError(f"{key}.layers: methods {methods} average a subset of layer "
+                              "groups; list them here")
+        _check_layer_names(f"{key}.layers", exp)
+
+
+def _check_layer_names(key: str, exp: dict) -> None:
+    """Every listed layer must be a layer group of the model, which is built for it (torch is
+    imported here only for experiments that average a layer subset)."""
+    from .federated import check_layers
+    from .models import build_model
+
+    data = exp["data"]
+    shape = IMAGE_SHAPES.get(data["name"]) or (data.get("channels", 3), *data.get("image_size", (32, 32)))
+    args = {k: v for k, v in exp["model"].items() if k != "arch"}
+    try:
+        model = build_model(exp["model"]["arch"], tuple(shape), 10, **args)
+    except Exception as err:  # noqa: BLE001  (the model's own error, reported with the key)
+        raise ConfigError(f"{key}: the model could not be built to check the layer names: "
+                          f"{type(err).__name__}: {err}") from None
+    try:
+        check_layers(model, exp["federated"]["layers"])
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 # ---------------------------------------------------------------- typed sections for scripts
@@ -293,6 +353,7 @@ class TrainSetting:
     checkpoint_epochs: tuple[int, ...] = ()
     precision: str = "fp32"
     channels_last: bool = False
+    warmup_steps: int = 0
 
     def __post_init__(self):  # lists from YAML/params become tuples: hashable, immutable
         object.__setattr__(self, "milestones", tuple(self.milestones))

@@ -760,7 +760,8 @@ def _barrier_heatmap(ax: plt.Axes, sub: pd.DataFrame, limit: float,
                 ax.text(j, i, f"{0.0 if abs(v) < 0.005 else v:.2f}", ha="center", va="center",
                         fontsize=MIN_FONT, color="white" if abs(v) > 0.6 * limit else "black")
     ax.grid(False)
-    _category_axis(ax, [f"{e:g}" for e in grid.columns], panel[0] - 1.4, "checkpoint epoch")
+    _category_axis(ax, [f"{e:g}" for e in grid.columns], panel[0] - 1.4,
+                   "round" if _federated(sub) else "checkpoint epoch")
     _category_axis(ax, list(grid.index), panel[1] - 1.2, "layer", axis="y")
     plt.setp(ax.get_xticklabels(), rotation=0, ha="center")
     if not full.empty:
@@ -779,7 +780,7 @@ def _barrier_profile(ax: plt.Axes, sub: pd.DataFrame, palette: dict) -> None:
     _category_axis(ax, order, PANEL[0] - 0.9, "layer")
     _reference_line(ax, sub.loc[sub["layer"] == ALL_LAYERS, "loss_barrier"].mean(), "full model")
     _reference_line(ax, 0.0)
-    ax.set_title(f"{ax.get_title()} (epoch {sub['epoch'].iloc[0]:g})")
+    ax.set_title(f"{ax.get_title()} ({_time_label(sub['method'].iloc[0], sub['epoch'].iloc[0])})")
 
 
 def fig_layer_barriers(table: pd.DataFrame, out_pdf: str | Path) -> None:
@@ -816,10 +817,21 @@ def fig_layer_barriers(table: pd.DataFrame, out_pdf: str | Path) -> None:
     _finish(pages, out_pdf, order=[*palette, "full model"])
 
 
-def _epoch_palette(epochs: Sequence) -> dict:
-    """Epochs along training from light to dark (viridis), the final one darkest."""
-    colours = sns.color_palette("viridis_r", len(epochs)) if len(epochs) > 1 else [(0, 0, 0)]
-    return {f"epoch {e:g}": c for e, c in zip(sorted(epochs), colours)}
+def _federated(rows: pd.DataFrame) -> bool:
+    """Rows of federated pairs only: their ``epoch`` column holds rounds."""
+    return bool(rows["method"].astype(str).str.startswith("federated_").all())
+
+
+def _time_label(method: str, epoch: float) -> str:
+    """"epoch e", or "round r" for a federated pair (its ``epoch`` column is the round)."""
+    return f"{'round' if str(method).startswith('federated_') else 'epoch'} {epoch:g}"
+
+
+def _epoch_palette(labels: Sequence[tuple[float, str]]) -> dict:
+    """(epoch, label) along training from light to dark (viridis), the final one darkest."""
+    labels = sorted(set(labels))
+    colours = sns.color_palette("viridis_r", len(labels)) if len(labels) > 1 else [(0, 0, 0)]
+    return {label: c for (_, label), c in zip(labels, colours)}
 
 
 def fig_cumulative(table: pd.DataFrame, out_pdf: str | Path) -> None:
@@ -838,8 +850,8 @@ def fig_cumulative(table: pd.DataFrame, out_pdf: str | Path) -> None:
     df = df.assign(kind=[o if o in ORDER_LABELS else "random" for o in df["order"]])
     epochs = sorted(df["epoch"].unique()) if "epoch" in df.columns else []
     if len(epochs) > 1:
-        hues = _epoch_palette(epochs)
-        df = df.assign(hue=[f"epoch {e:g}" for e in df["epoch"]])
+        df = df.assign(hue=[_time_label(m, e) for m, e in zip(df["method"], df["epoch"])])
+        hues = _epoch_palette(list(zip(df["epoch"], df["hue"])))
     else:
         hues = _palette(_levels(df["into"], INTO_LABELS), "Set1")
         df = df.assign(hue=_relabel(df["into"], INTO_LABELS))
@@ -892,12 +904,12 @@ def fig_robustness(table: pd.DataFrame, out_pdf: str | Path) -> None:
     directions = _ordered(moved["direction"], ("interpolation", "random"))
     if len(epochs) > 1:
         moved = moved[np.isclose(moved["step"], moved["step"].max())]
-        colours = _epoch_palette(epochs)
+        times = [_time_label(m, e) for m, e in zip(moved["method"], moved["epoch"])]
+        colours = _epoch_palette(list(zip(moved["epoch"], times)))
         hue_order = [f"{d}, {e}" for e in colours for d in directions]
         palette = {f"{d}, {e}": c for e, c in colours.items() for d in directions}
         styles = {f"random, {e}": {"linestyle": ":"} for e in colours}
-        moved = moved.assign(perturbation=[f"{d}, epoch {e:g}"
-                                           for d, e in zip(moved["direction"], moved["epoch"])])
+        moved = moved.assign(perturbation=[f"{d}, {t}" for d, t in zip(moved["direction"], times)])
     else:
         hue_order = [f"{d}, step {s:g}" for d in directions for s in sorted(moved["step"].unique())]
         palette, styles = _palette(hue_order, "Paired"), None
@@ -1032,6 +1044,60 @@ def fig_stitching(table: pd.DataFrame, out_pdf: str | Path) -> None:
     _finish(pages, out_pdf, order=[*series, "model A on its own", "model B on its own"])
 
 
+AGGREGATION_ORDER = ("full", "layers", "aligned")
+AGGREGATION_LABELS = {"full": "full averaging", "layers": "layer subset (personalised)",
+                      "aligned": "aligned (weight matching), then full"}
+
+
+def fig_federated(table: pd.DataFrame, out_pdf: str | Path) -> None:
+    """Figure 15: federated averaging — test error (%) and test loss per round of the global
+    model (solid, markers) and of the clients before each aggregation (dashed: mean over the
+    clients, band: their range), one colour per aggregation, per experiment a row of two panels.
+
+    ``table`` columns: experiment, aggregation, pair, seed, shards, round, model (``global`` or
+    ``client{k}``), client (−1 for the global model), split, loss, error. Pairs (seeds) are
+    averaged first; round 0 is the common initialisation.
+    """
+    df = _test_rows(table, "loss", "fig_federated")
+    quantities = {"error": ("test error (%)", 100.0), "loss": ("test loss", 1.0)}
+    aggregations = _ordered(df["aggregation"], AGGREGATION_ORDER)
+    palette = dict(zip(aggregations, sns.color_palette("colorblind", len(aggregations))))
+    df = df.assign(who=np.where(df["client"] < 0, "global", "clients"))
+    per_model = df.groupby(["experiment", "aggregation", "who", "client", "round"],
+                           as_index=False)[["loss", "error"]].mean()  # mean over seeds
+    long = pd.concat([per_model.assign(quantity=q, value=per_model[c] * scale)
+                      for c, (q, scale) in quantities.items()])
+    summary = (long.groupby(["experiment", "quantity", "aggregation", "who", "round"])["value"]
+               .agg(mean="mean", low="min", high="max").reset_index())
+    info = df.groupby("experiment").agg(shards=("shards", "first"),
+                                        clients=("client", "max"))
+
+    def title(exp: str, quantity: str) -> str:
+        return f"{exp} · {quantity}\n{info.loc[exp, 'clients'] + 1} clients, {info.loc[exp, 'shards']} shards"
+
+    pages = _layout(_facets(summary, "quantity", [q for q, _ in quantities.values()], title))
+    for ax, facet in _panels(pages):
+        rows = facet.rows
+        for agg in aggregations:
+            label = AGGREGATION_LABELS.get(agg, agg)
+            mine = rows[rows["aggregation"] == agg]
+            g = mine[mine["who"] == "global"].sort_values("round")
+            c = mine[mine["who"] == "clients"].sort_values("round")
+            ax.plot(g["round"], g["mean"], color=palette[agg], marker="o", markersize=3.5,
+                    linewidth=1.5, label=f"{label}: global model")
+            ax.plot(c["round"], c["mean"], color=palette[agg], linestyle="--", linewidth=1.2,
+                    label=f"{label}: clients (mean; band: range)")
+            ax.fill_between(c["round"], c["low"], c["high"], color=palette[agg], alpha=0.12,
+                            linewidth=0)
+        ax.set_xlabel("round (0: the initialisation)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0)
+    _shared_y(_panels(pages), "", by="title")
+    for ax, facet in _panels(pages):
+        ax.set_ylabel(facet.key)
+    _finish(pages, out_pdf)
+
+
 FIGURES: dict[str, Callable[[pd.DataFrame, str | Path], None]] = {
     "fig1": fig_lmc,
     "fig2": fig_alignment,
@@ -1045,4 +1111,5 @@ FIGURES: dict[str, Callable[[pd.DataFrame, str | Path], None]] = {
     "fig10": fig_subspace,
     "fig11": fig_linear_toy,
     "fig12": fig_stitching,
+    "fig15": fig_federated,
 }

@@ -7,6 +7,11 @@ are paths under results/{experiment}/runs/:
 - `spawn{s}/parent`: the same as `seed{s}`, stopped at `spawn_epoch`;
 - `spawn{s}/child{k}`: the parent's checkpoint (weights and optimizer state) trained to the end
   with SGD-noise seed derive_seed(s, k + 1).
+Federated methods (`lmcflow.federated`) name files of a federated run instead,
+`federated/{aggregation}/seed{s}/client{k}` and `.../global` (a Method's `path` says where a
+run's file lies under results/{experiment}/): `federated_<aggregation>` pairs clients 0 and 1,
+`federated_global_<aggregation>` the global model (A) with client 0 (B), at the last round and,
+along training, at the kept rounds.
 Pair p of an experiment with base seed S uses s = S + 2p (and S + 2p + 1 for a second
 independent run), so pairs never share a run within a method. naive, weight_matching and
 activation_matching share the same two independent runs: the permutation methods differ from
@@ -28,6 +33,8 @@ class Method:
     description: str
     # (run_a, run_b, setting, device, log) -> (state of π(B), extra info incl. "permutation")
     align: Callable | None = None
+    # run name -> its file under results/{experiment}/
+    path: Callable[[str], str] = lambda run: f"runs/{run}/final.pt"
 
 
 def independent_runs(seed: int, pair: int) -> tuple[str, str]:
@@ -94,6 +101,30 @@ METHODS: dict[str, Method] = {
                                   "the naive pair with B's units permuted to match A's activations",
                                   activation_matching_align),
 }
+FEDERATED = "federated"
+
+
+def federated_run(aggregation: str, seed: int) -> str:
+    return f"{FEDERATED}/{aggregation}/seed{seed}"
+
+
+def _federated_method(aggregation: str, with_global: bool) -> Method:
+    def endpoints(seed: int, pair: int) -> tuple[str, str]:
+        run = federated_run(aggregation, seed + 2 * pair)
+        return (f"{run}/global", f"{run}/client0") if with_global else \
+            (f"{run}/client0", f"{run}/client1")
+
+    what = "the global model and client 0" if with_global else "clients 0 and 1"
+    name = f"{FEDERATED}_global_{aggregation}" if with_global else f"{FEDERATED}_{aggregation}"
+    return Method(name, endpoints, f"{what} of a federated run ({aggregation} aggregation), "
+                  "clients before the round's aggregation", path=lambda run: f"{run}.pt")
+
+
+for _agg in ("full", "layers", "aligned"):
+    for _global in (False, True):
+        _m = _federated_method(_agg, _global)
+        METHODS[_m.name] = _m
+FEDERATED_METHODS = [name for name in METHODS if name.startswith(f"{FEDERATED}_")]
 PERMUTATION_METHODS = [name for name, m in METHODS.items() if m.align is not None]
 
 

@@ -8,8 +8,9 @@ Because every epoch's noise depends only on (noise_seed, epoch), a run resumed f
 checkpoint continues exactly as an uninterrupted run (bit-for-bit on CPU), and a spawned child is
 a parent checkpoint continued with another noise_seed.
 
-The lr schedule is a pure function of the epoch (`lr_at`), so the "scheduler state" of a
-checkpoint is its epoch counter; checkpoints hold only tensors and plain values and load with
+The lr schedule is a pure function of the epoch (`lr_at`) and, during an optional linear warm-up
+(`train.warmup_steps`), of the step (`lr_at_step`), so the "scheduler state" of a checkpoint is
+its epoch counter; checkpoints hold only tensors and plain values and load with
 `torch.load(weights_only=True)`.
 """
 
@@ -51,6 +52,16 @@ def lr_at(s: TrainSetting, epoch: int) -> float:
     raise ValueError(f"unknown schedule {s.schedule!r}; choose constant, multistep or cosine")
 
 
+def lr_at_step(s: TrainSetting, epoch: int, step: int) -> float:
+    """Learning rate of global step `step` (0-based, counted over the run's batches) in epoch
+    `epoch`: `lr_at(s, epoch)` scaled by (step + 1) / warmup_steps during the first
+    `s.warmup_steps` steps (a linear warm-up from lr / warmup_steps to lr), `lr_at` after. The
+    official layer-wise federated code warms up linearly from 1e-4 to its lr 0.01 over 100 steps
+    (`warmup_scheduler_pytorch`): the same start, lr / 100, and the same end."""
+    scale = min(1.0, (step + 1) / s.warmup_steps) if s.warmup_steps else 1.0
+    return lr_at(s, epoch) * scale
+
+
 def make_optimizer(model: nn.Module, s: TrainSetting) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
                            nesterov=s.nesterov, weight_decay=s.weight_decay)
@@ -82,6 +93,8 @@ def train_epoch(model, opt, data: Data, s: TrainSetting, epoch: int, noise_seed:
     the end. On the CPU every step is the same computation as a plain loop, bit for bit.
     """
     device = torch.device(device)
+    steps = -(-len(data.train_y) // s.batch_size)  # batches per epoch
+    warm = s.warmup_steps > epoch * steps  # some step of this epoch is in the warm-up
     gen = torch.Generator().manual_seed(derive_seed(noise_seed, epoch))
     torch.manual_seed(derive_seed(noise_seed, epoch, 1))  # dropout and any other global draw
     for group in opt.param_groups:
@@ -92,7 +105,10 @@ def train_epoch(model, opt, data: Data, s: TrainSetting, epoch: int, noise_seed:
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     wrong = torch.zeros((), dtype=torch.int64, device=device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
-    for idx in order.split(s.batch_size):
+    for i, idx in enumerate(order.split(s.batch_size)):
+        if warm:  # a pure function of the step, like the epoch's lr
+            for group in opt.param_groups:
+                group["lr"] = lr_at_step(s, epoch, epoch * steps + i)
         idx_here = idx.to(x_all.device)
         x = x_all[idx_here]
         if s.augment:
@@ -139,13 +155,14 @@ def _ckpt_path(ckpt_dir: Path, epoch: int) -> Path:
     return ckpt_dir / f"epoch_{epoch:04d}.pt"
 
 
-def latest_checkpoint(ckpt_dir: Path, meta: dict, log=print) -> dict | None:
-    """The newest readable checkpoint in `ckpt_dir` made with the same `meta`, else None.
+def latest_checkpoint(ckpt_dir: Path, meta: dict, log=print, prefix: str = "epoch") -> dict | None:
+    """The newest readable checkpoint `{prefix}_NNNN.pt` in `ckpt_dir` made with the same `meta`,
+    else None.
 
     A checkpoint of another setting (the config changed) or a truncated file is skipped with a
     message, never resumed from.
     """
-    for path in sorted(ckpt_dir.glob("epoch_*.pt"), reverse=True):
+    for path in sorted(Path(ckpt_dir).glob(f"{prefix}_*.pt"), reverse=True):
         try:
             ckpt = load_torch(path)
         except ValueError as err:
@@ -248,7 +265,7 @@ def kept_weights(meta: dict, ckpt_dir: str | Path) -> dict[int, dict]:
     return out
 
 
-def _prune(ckpt_dir: Path, keep: set[int]) -> None:
-    for path in ckpt_dir.glob("epoch_*.pt"):
+def _prune(ckpt_dir: Path, keep: set[int], prefix: str = "epoch") -> None:
+    for path in ckpt_dir.glob(f"{prefix}_*.pt"):
         if int(path.stem.split("_")[1]) not in keep:
             path.unlink()

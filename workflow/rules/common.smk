@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.join(workflow.basedir, "workflow"))
 
 from lmcflow.config import (ConfigError, canonical, describe_params_change,
-                            python_model_files, validate)
+                            federated_aggregations, python_model_files, validate)
 from lmcflow.pairs import (METHODS, PERMUTATION_METHODS, check_endpoint_files, get_method,
                            pair_index, pair_name)
 from lmcflow.seeds import derive_seed
@@ -80,8 +80,10 @@ def results(path):
     return f"{ROOT}/{path}"
 
 
+FEDERATED = any(federated_aggregations(e) for e in EXPERIMENTS.values())
 FIGURES = [results(f"figures/fig{n}.pdf")
-           for n in (*range(1, 7), *(range(7, 12) if LAYERWISE else ()), 12)]
+           for n in (*range(1, 7), *(range(7, 12) if LAYERWISE else ()), 12,
+                     *((15,) if FEDERATED else ()))]
 ENV = "../../envs/lmcflow.yaml"
 
 
@@ -193,6 +195,27 @@ def run_params(kind):
     return params
 
 
+def federated_params(wildcards):
+    """Params of a federated run: everything it depends on, also the identity its round
+    checkpoints are resumed by."""
+    e = exp(wildcards)
+    run = {"data": e["data"], "model": e["model"], "train": e["train"], "device": e["device"],
+           "federated": e["federated"], "aggregation": wildcards.aggregation,
+           "seed": int(wildcards.seed)}
+    if wildcards.aggregation == "aligned":
+        run["matching"] = {k: e["matching"][k] for k in ("max_sweeps", "seed")}
+    if model_files(e):
+        run["model_code"] = model_files(e)
+    return canonical(run)
+
+
+def federated_files(filename):
+    """`filename` of every federated run the config's methods need (pair p: seed S + 2p)."""
+    return [results(f"{name}/federated/{agg}/seed{e['seed'] + 2 * p}/{filename}")
+            for name, e in EXPERIMENTS.items() for agg in federated_aggregations(e)
+            for p in range(e["pairs"])]
+
+
 def pair_params(wildcards):
     """What making a pair depends on beyond its runs: matching settings and data (for AM), and
     the model for endpoints a user brings (the workflow's own runs carry theirs)."""
@@ -231,6 +254,7 @@ def get_make_pair_input(wildcards):
     e = exp(wildcards)
     if "runs" in e:
         return {"a": e["runs"]["a"], "b": e["runs"]["b"]}
-    run_a, run_b = get_method(wildcards.method).endpoints(e["seed"], pair_index(wildcards.pair))
-    root = results(f"{wildcards.experiment}/runs")
-    return {"a": f"{root}/{run_a}/final.pt", "b": f"{root}/{run_b}/final.pt"}
+    method = get_method(wildcards.method)
+    run_a, run_b = method.endpoints(e["seed"], pair_index(wildcards.pair))
+    root = results(wildcards.experiment)
+    return {"a": f"{root}/{method.path(run_a)}", "b": f"{root}/{method.path(run_b)}"}

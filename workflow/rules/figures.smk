@@ -15,6 +15,7 @@ TABLE_OF_FIGURE = {
     "fig10": "subspace",
     "fig11": "linear_toy",
     "fig12": "stitching",
+    "fig15": "federated",
 }
 
 
