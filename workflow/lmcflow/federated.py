@@ -135,6 +135,29 @@ def check_layers(model: nn.Module, layers: Sequence[str]) -> None:
                              + f" (its groups: {', '.join(names)})")
 
 
+def check_layer_names(name: str, exp: dict) -> None:
+    """Start-up check of experiment ``name``'s ``federated.layers``: every listed layer must be
+    a layer group of the configured model, which is built for it (so torch is imported at
+    start-up only for experiments that average a layer subset). Raises ConfigError naming the
+    key."""
+    from .config import IMAGE_SHAPES, ConfigError
+    from .models import build_model
+
+    key, data = f"config key experiments.{name}.federated.layers", exp["data"]
+    shape = IMAGE_SHAPES.get(data["name"]) or (data.get("channels", 3),
+                                               *data.get("image_size", (32, 32)))
+    args = {k: v for k, v in exp["model"].items() if k != "arch"}
+    try:
+        model = build_model(exp["model"]["arch"], tuple(shape), 10, **args)
+    except Exception as err:  # noqa: BLE001  (the model's own error, reported with the key)
+        raise ConfigError(f"{key}: the model could not be built to check the layer names: "
+                          f"{type(err).__name__}: {err}") from None
+    try:
+        check_layers(model, exp["federated"]["layers"])
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
 def averaged_keys(model: nn.Module, aggregation: str, layers: Sequence[str] = (),
                   bn: str = "average") -> list[str]:
     """State-dict keys that an aggregation averages into the clients: every floating tensor

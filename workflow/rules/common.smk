@@ -14,10 +14,10 @@ import sys
 sys.path.insert(0, os.path.join(workflow.basedir, "workflow"))
 
 from lmcflow.config import (ConfigError, canonical, describe_params_change,
-                            federated_aggregations, python_model_files, validate)
-from lmcflow.pairs import (METHODS, PERMUTATION_METHODS, check_endpoint_files, get_method,
-                           pair_index, pair_name)
+                            federated_aggregations, python_model_files)
+from lmcflow.pairs import METHODS, PERMUTATION_METHODS, get_method, pair_index, pair_name
 from lmcflow.seeds import derive_seed
+from lmcflow.startup import check as check_config
 
 # `snakemake -n` says why a job would run; for changed params Snakemake prints every changed
 # param whole (a job's settings are one mapping of ~900 characters). Name the changed keys.
@@ -30,10 +30,7 @@ except ImportError:  # another Snakemake: its own wording
     pass
 
 try:
-    validate(config)
-    for _name, _exp in config["experiments"].items():
-        if "runs" in _exp:  # the user's endpoint files: present, readable, of the configured model
-            check_endpoint_files(_name, _exp)
+    check_config(config)
 except ConfigError as err:
     raise WorkflowError(f"{err}\nFix it in the config file (see README: configuration).") from None
 
