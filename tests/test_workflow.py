@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from lmcflow.config import load_yaml
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
@@ -360,7 +362,7 @@ def test_paper_configs_dry_run_on_their_own(tmp_path, config):
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
     out = snakemake(tmp_path, "-n", "--cores", "8", "--configfile", str(REPO / "workflow/configs" / config))
     assert out.returncode == 0, out.stderr[-3000:]
-    paper = yaml.safe_load((REPO / "workflow/configs" / config).read_text())
+    paper = load_yaml(REPO / "workflow/configs" / config)  # sweeps expanded: one name per point
     planned = {w.split("experiment=")[1].split(",")[0] for _, w in planned_jobs(out.stdout)
                if "experiment=" in w}
     assert planned == set(paper["experiments"])
@@ -372,7 +374,7 @@ def test_paper_configs_dry_run_on_their_own(tmp_path, config):
 def _smoke_config(config_file: Path, data_dir: Path) -> dict:
     """A paper config shrunk to one batch of one epoch on the fixture data: same experiments,
     models (the smallest width of a sweep), methods and analyses."""
-    experiments = yaml.safe_load(config_file.read_text())["experiments"]
+    experiments = load_yaml(config_file)["experiments"]  # sweeps expanded
     widths = [e["model"].get("width", 1) for e in experiments.values()]
     small = {}
     for name, e in experiments.items():
