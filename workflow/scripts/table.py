@@ -15,13 +15,13 @@ from lmcflow.report import write_preview
 from lmcflow.summary import add_sweep_columns
 
 log, _ = logs.start(snakemake)
-table = pd.concat([pd.read_parquet(path) for path in snakemake.input.tables], ignore_index=True)
-table = add_sweep_columns(table, snakemake.params.sweeps)
+pairs = pd.concat([pd.read_parquet(path) for path in snakemake.input.tables], ignore_index=True)
+table = add_sweep_columns(pairs, snakemake.params.sweeps)
 save_parquet(table, snakemake.output.parquet)
 write_preview(table, Path(snakemake.output.parquet).stem, snakemake.output.html)
 log(f"{len(table)} rows from {len(snakemake.input.tables)} files -> {snakemake.output.parquet}")
 if "alignment" in snakemake.output.keys():
-    barriers = alignment_table(table)
+    barriers = add_sweep_columns(alignment_table(pairs), snakemake.params.sweeps)
     save_parquet(barriers, snakemake.output.alignment)
     write_preview(barriers, "alignment", snakemake.output.alignment_html)
     log(barriers.to_string())
