@@ -514,7 +514,8 @@ def _pair_summary(rng=None):
     rows = []
     points = [("mlp_sweep", {"sweep.model.width": w, "sweep.seed": s}, f"mlp_sweep_width{w}_seed{s}")
               for w in (8, 32, 128, 512) for s in (0, 1)]
-    points += [("resnet", {"sweep.model.norm": n}, f"resnet_norm{n}") for n in ("bn", "ln")]
+    points += [("resnet", {"sweep.model.norm": n, "sweep.seed": 5}, f"resnet_norm{n}_seed5")
+               for n in ("bn", "ln")]  # one seed: no block of its own
     points += [("vgg", {}, "vgg")]
     for family, swept, exp in points:
         width = swept.get("sweep.model.width", 64)
@@ -529,7 +530,7 @@ def _pair_summary(rng=None):
 
 def test_fig_sweep_a_block_per_family_and_swept_key(tmp_path, monkeypatch):
     """One block of four panels per family and swept key with two values or more (mlp_sweep:
-    width and seed; resnet: norm, as categories); none for the plain vgg; log x for widths
+    width and seed; resnet: norm, as categories, not its one seed); none for the plain vgg; log x for widths
     8…512, one line per method; fits a page."""
     figs = _capture(monkeypatch)
     out = _run(figures.fig_sweep, _pair_summary(), tmp_path, "fig13")
