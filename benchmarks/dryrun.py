@@ -2,8 +2,8 @@
 
     python benchmarks/dryrun.py [--experiments 100] [--repeats 3]
 
-Writes a config of N MLP experiments (widths × seeds, every method, layer-wise analyses on, so
-about 27 jobs each) into a temporary directory and times `snakemake -n` on it (parse, config
+Writes a config of N MLP experiments (one sweep: widths × seeds, every method, layer-wise
+analyses on, so about 17 jobs each) into a temporary directory and times `snakemake -n` on it (parse, config
 validation, DAG of every job); prints the job count, the best wall time of the repeats, and
 the time of `snakemake --version` (Python and Snakemake start-up) for comparison.
 """
@@ -25,14 +25,15 @@ SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
 
 def sweep(n: int) -> dict:
+    """One sweep of widths × seeds: n experiments (rounded up to a multiple of the widths)."""
     widths = [64, 128, 256, 512, 1024]
-    return {"experiments": {
-        f"mlp_w{widths[i % len(widths)]}_s{i // len(widths)}": {
-            "model": {"arch": "mlp", "width": widths[i % len(widths)], "depth": 3},
-            "seed": 100 * (i // len(widths)),
-            "train": {"epochs": 10, "checkpoint_epochs": [1, 2, 5]},
-            "methods": ["spawning", "naive", "weight_matching", "activation_matching"],
-        } for i in range(n)}}
+    seeds = [100 * i for i in range(-(-n // len(widths)))]
+    return {"experiments": {"mlp": {
+        "sweep": {"model.width": widths, "seed": seeds},
+        "model": {"arch": "mlp", "depth": 3},
+        "train": {"epochs": 10, "checkpoint_epochs": [1, 2, 5]},
+        "methods": ["spawning", "naive", "weight_matching", "activation_matching"],
+    }}}
 
 
 def best(cmd: list[str], repeats: int, cwd: Path) -> tuple[float, str]:

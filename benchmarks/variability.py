@@ -7,8 +7,10 @@ Each seed s runs the config with every experiment's `seed` set to 1000·s (so no
 shared) in its own directory, up to the tables (no figures). A run on another machine differs
 from this one like another seed does: float rounding differs, and training amplifies it.
 Prints per experiment and method: the test-error and test-loss barriers (of the curve with BN
-statistics reset where the model has BatchNorm), the LLFC ratio (1 − cos_α)/(1 − cos_AB) at
-α = ½ over the hidden layers, and the mean Dist_com over the hidden Linear/Conv layers.
+statistics reset where the model has BatchNorm: the configured curve), the LLFC ratio
+(1 − cos_α)/(1 − cos_AB) at α = ½ over the hidden layers, and the mean Dist_com over the hidden
+Linear/Conv layers, all from `lmcflow.summary.pair_summary` (hidden: every layer but the first
+and the last by layer_index).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
-from lmcflow.metrics import barriers  # noqa: E402
+from lmcflow.summary import pair_summary  # noqa: E402
 
 TABLES = ["lmc", "llfc", "commutativity", "stitching"]
 
@@ -44,26 +46,11 @@ def run_seed(config: dict, seed: int, workdir: Path, cores: str) -> Path:
     return workdir / root / "tables"
 
 
-def hidden(layers: pd.Series) -> pd.Series:
-    """Every layer but the first Linear/Conv (linear in the weights: 1 − cos_α = 0 there) and the
-    logits."""
-    first = {"fc1", "features.conv1", "stem", "conv1"}
-    return ~layers.isin(first) & ~layers.isin({"out", "fc"})
-
-
 def per_pair(tables: Path, seed: int) -> pd.DataFrame:
-    lmc = pd.read_parquet(tables / "lmc.parquet")
-    lmc = lmc[(lmc.split == "test") & lmc.bn.isin(["reset", "none"])]
-    bar = barriers(lmc.drop(columns="bn"))
-    bar["error_barrier"] *= 100
-    llfc = pd.read_parquet(tables / "llfc.parquet")
-    llfc = llfc[(llfc.alpha == 0.5) & hidden(llfc.layer)]
-    means = llfc.groupby(["experiment", "method", "pair", "layer"])[
-        ["one_minus_cos_alpha", "one_minus_cos_ab"]].mean()
-    ratio = (means.one_minus_cos_alpha / means.one_minus_cos_ab).groupby(
-        ["experiment", "method", "pair"]).agg(ratio_min="min", ratio_max="max", ratio_mean="mean")
-    com = pd.read_parquet(tables / "commutativity.parquet")
-    com = com[hidden(com.layer)].groupby(["experiment", "method", "pair"])["dist_com"].mean()
+    # barriers (configured curve, test split), LLFC ratio and Dist_com over the hidden layers
+    summary = pair_summary(*(pd.read_parquet(tables / f"{t}.parquet")
+                             for t in ("lmc", "llfc", "commutativity")))
+    summary["error_barrier"] *= 100
     # REPAIR: the midpoint's test loss with REPAIR beside the configured curve's
     lmc = pd.read_parquet(tables / "lmc.parquet")
     mid = lmc[(lmc.split == "test") & (lmc.alpha == 0.5)]
@@ -77,9 +64,9 @@ def per_pair(tables: Path, seed: int) -> pd.DataFrame:
     own = st[st.layer == "(none)"].set_index(keys)["error"]
     st = st[st.layer != "(none)"].join(own.rename("own"), on=keys)
     stitch = (100 * (st["error"] - st["own"])).groupby([st.experiment, st.method, st.pair]).max()
-    out = bar.set_index(["experiment", "method", "pair"])[["error_barrier", "loss_barrier"]]
-    return (out.join(ratio).join(com).join(mid).join(stitch.rename("stitch_pp"))
-            .reset_index().assign(seed=seed))
+    out = summary.set_index(["experiment", "method", "pair"])[
+        ["error_barrier", "loss_barrier", "llfc_ratio", "dist_com"]]
+    return out.join(mid).join(stitch.rename("stitch_pp")).reset_index().assign(seed=seed)
 
 
 def main() -> None:
@@ -95,7 +82,7 @@ def main() -> None:
                        for s in args.seeds], ignore_index=True)
     pd.set_option("display.width", 160)
     print(pairs.to_string(index=False, float_format="%.3f"))
-    cols = ["error_barrier", "loss_barrier", "ratio_mean", "dist_com", "mid_loss",
+    cols = ["error_barrier", "loss_barrier", "llfc_ratio", "dist_com", "mid_loss",
             "mid_loss_repair", "stitch_pp"]
     summary = pairs.groupby(["experiment", "method"])[cols].agg(["mean", "std", "min", "max"])
     print(f"\nover {len(args.seeds)} seeds x pairs per seed (error barrier in pp, test split; "

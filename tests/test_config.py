@@ -176,3 +176,103 @@ def test_a_python_model_path_must_be_a_folder(tmp_path):
     model = {"arch": "python:nets:make_net", "path": str(tmp_path / "nets.py")}
     with pytest.raises(ConfigError, match=f"model.path: .*nets.py is a file; .*set path: {tmp_path}"):
         validate({"experiments": {"e": {"model": model}}})
+
+
+# ---------------------------------------------------------------- sweeps
+
+SWEEP = {"experiments": {"r20": {"model": {"arch": "resnet20", "norm": "ln"},
+                                 "sweep": {"seed": [0, 1], "model.width": [1, 2, 4]}},
+                         "mlp": {"model": {"arch": "mlp"}}}}
+
+
+def test_a_sweep_expands_into_one_experiment_per_point_named_after_its_values():
+    cfg = validate(copy.deepcopy(SWEEP))
+    names = list(cfg["experiments"])
+    assert names == [f"r20_width{w}_seed{s}" for w in (1, 2, 4) for s in (0, 1)] + ["mlp"]
+    point = cfg["experiments"]["r20_width4_seed1"]
+    assert point["model"] == {"arch": "resnet20", "norm": "ln", "width": 4, "shortcut_kernel": 1}
+    assert point["seed"] == 1 and point["family"] == "r20"
+    assert point["swept"] == {"model.width": 4, "seed": 1} and "sweep" not in point
+    assert "swept" not in cfg["experiments"]["mlp"] and "family" not in cfg["experiments"]["mlp"]
+    # validated like any experiment (defaults filled), and validating again changes nothing
+    assert point["llfc"]["probe_size"] == 500
+    again = validate(copy.deepcopy(cfg))
+    assert again == cfg
+    # the names do not depend on the order of the keys in the file
+    reordered = copy.deepcopy(SWEEP)
+    reordered["experiments"]["r20"]["sweep"] = {"model.width": [1, 2, 4], "seed": [0, 1]}
+    assert list(validate(reordered)["experiments"]) == names
+
+
+@pytest.mark.parametrize("sweep, names", [
+    ({"train.lr": [0.05, 1e-5, 0.1234567891]}, ["lr0.05", "lr1e-05", "lr0.1234567891"]),
+    ({"train.augment": [True, False]}, ["augmenttrue", "augmentfalse"]),
+    ({"model.width": [0.5, 2.0]}, ["width0.5", "width2"]),
+    ({"lmc.batch_size": [10], "llfc.batch_size": [20]}, ["llfc-batch_size20_lmc-batch_size10"]),
+    ({"data.name": ["mnist5k", "fashion_mnist"]}, ["namemnist5k", "namefashion-mnist"]),
+])
+def test_point_names_are_safe_path_components_and_wildcards(sweep, names):
+    import re
+
+    cfg = validate({"experiments": {"e": {"model": {"arch": "vgg"}, "sweep": sweep}}})
+    assert list(cfg["experiments"]) == [f"e_{n}" for n in names]
+    for name in cfg["experiments"]:  # the experiment wildcard's pattern (rules/common.smk)
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name), name
+
+
+def test_settings_that_go_with_a_swept_value():
+    sweep = {"model.width": {1: {"llfc.probe_size": 1000}, 8: {"llfc.probe_size": 100,
+                                                               "layerwise.enabled": False}, 2: None}}
+    cfg = validate({"experiments": {"r": {"model": {"arch": "resnet20"}, "sweep": sweep,
+                                          "llfc": {"probe_size": 250}}}})
+    got = {n: (e["model"]["width"], e["llfc"]["probe_size"], e["layerwise"]["enabled"])
+           for n, e in cfg["experiments"].items()}
+    assert got == {"r_width1": (1, 1000, True), "r_width8": (8, 100, False),
+                   "r_width2": (2, 250, True)}
+    assert cfg["experiments"]["r_width8"]["swept"] == {"model.width": 8}
+
+
+@pytest.mark.parametrize("sweep, key, words", [
+    ({"model.widht": [1, 2]}, "experiments.r20.sweep.model.widht", ["unknown key", "did you mean width?"]),
+    ({"trian.lr": [0.1]}, "experiments.r20.sweep.trian.lr", ["unknown key", "did you mean train?"]),
+    ({"model.width": [1, -2]}, "experiments.r20.sweep.model.width", ["-2", "strictly above 0"]),
+    ({"model.norm": ["ln", "lnn"]}, "experiments.r20.sweep.model.norm", ["'lnn'", "'ln'"]),
+    ({"model.width": 4}, "experiments.r20.sweep.model.width", ["not a list of values"]),
+    ({"model.width": []}, "experiments.r20.sweep.model.width", ["not a list of values"]),
+    ({"model.width": [[1, 2]]}, "experiments.r20.sweep.model.width", ["not a number, string or boolean"]),
+    ({"seed": [0, 0]}, "experiments.r20.sweep.seed", ["listed twice"]),
+    ({"model..width": [1]}, "experiments.r20.sweep.model..width", ["dotted paths"]),
+    ({"sweep": [1]}, "experiments.r20.sweep.sweep", ["not a setting a sweep can set"]),
+    ({"seed.x": [1]}, "experiments.r20.sweep.seed.x", ["not of type 'integer'"]),
+    ({"model.arch.x": [1]}, "experiments.r20.sweep.model.arch.x", ["model.arch is not a mapping"]),
+    ({"model.width": {1: {"llfc.probe_sise": 3}}}, "experiments.r20.sweep.model.width.1.llfc.probe_sise",
+     ["did you mean probe_size?"]),
+    ({"model.width": {1: {"seed": 3}}, "seed": [1]}, "experiments.r20.sweep.seed",
+     ["already set by experiments.r20.sweep.model.width.1.seed"]),
+    ({"model.arch": ["mlp", "torchvision:resnet18", "torchvision/resnet18"]}, "experiments.r20.sweep",
+     ["both be named r20_archtorchvision-resnet18"]),
+    ([1, 2], "experiments.r20.sweep", ["a sweep maps setting keys"]),
+    ({"train.epochs": [1, 4]}, "experiments.r20_epochs1.spawn_epoch", ["a point of experiments.r20.sweep"]),
+])
+def test_a_bad_sweep_names_its_key(sweep, key, words):
+    cfg = copy.deepcopy(SWEEP)
+    cfg["experiments"]["r20"]["sweep"] = sweep
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert f"config key {key}:" in str(err.value), str(err.value)
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
+def test_an_error_outside_the_swept_keys_names_the_experiment_as_written():
+    cfg = copy.deepcopy(SWEEP)
+    cfg["experiments"]["r20"]["llfc"] = {"probe_sise": 3}
+    with pytest.raises(ConfigError, match="config key experiments.r20.llfc.probe_sise: unknown key"):
+        validate(cfg)
+
+
+def test_a_point_may_not_take_the_name_of_another_experiment():
+    cfg = copy.deepcopy(SWEEP)
+    cfg["experiments"]["r20_width2_seed0"] = {"model": {"arch": "mlp"}}
+    with pytest.raises(ConfigError, match="experiments.r20.sweep: its point r20_width2_seed0 is also"):
+        validate(cfg)

@@ -157,7 +157,7 @@ def _run(fig, table, tmp_path, name):
 
 
 def test_registry_has_all_figures():
-    assert list(FIGURES) == [f"fig{i}" for i in (*range(1, 13), 15)]
+    assert list(FIGURES) == [f"fig{i}" for i in range(1, 16)]
     assert all(callable(f) for f in FIGURES.values())
 
 
@@ -391,7 +391,7 @@ def _synthetic_tables(layers=DEEP):
               "fig7": _layer_barriers((1, 5, 10), layers=layers), "fig8": cum, "fig9": rob,
               "fig10": sub, "fig12": stitched}
     tables = {k: t.drop(columns="noise", errors="ignore") for k, t in tables.items()}
-    return {**tables, "fig11": linear_toy()}
+    return {**tables, "fig11": linear_toy(), "fig13": _pair_summary(), "fig14": _pair_summary()}
 
 
 def _capture(monkeypatch):
@@ -517,3 +517,73 @@ def test_fig_federated_fits_a_page_and_reads_rounds(tmp_path):
     pages = _pdf_pages(out)
     assert len(pages) == 1
     assert all(w <= 7.8 + 1e-6 and h <= 11.0 for w, h in pages), pages
+
+
+# --------------------------------------------------------------------------- figures 13, 14
+
+
+def _pair_summary(rng=None):
+    """A per-pair summary (summary.pair_summary) of two families sweeping width (× seed) and
+    one plain experiment: the barrier and the LLFC ratio fall with width for aligned pairs."""
+    rng = rng or np.random.default_rng(3)
+    rows = []
+    points = [("mlp_sweep", {"sweep.model.width": w, "sweep.seed": s}, f"mlp_sweep_width{w}_seed{s}")
+              for w in (8, 32, 128, 512) for s in (0, 1)]
+    points += [("resnet", {"sweep.model.norm": n, "sweep.seed": 5}, f"resnet_norm{n}_seed5")
+               for n in ("bn", "ln")]  # one seed: no block of its own
+    points += [("vgg", {}, "vgg")]
+    for family, swept, exp in points:
+        width = swept.get("sweep.model.width", 64)
+        for method, base in (("naive", 1.0), ("spawning", 0.0), ("weight_matching", 0.4)):
+            for pair in ("pair0", "pair1"):
+                shrink = base * 8 / width ** 0.5 * (1 + 0.2 * rng.random())
+                rows.append(dict(experiment=exp, method=method, pair=pair, family=family, **swept,
+                                 loss_barrier=shrink, error_barrier=0.1 * shrink,
+                                 llfc_ratio=0.02 + 0.1 * shrink, dist_com=10 ** (-3 + 3 * shrink)))
+    return pd.DataFrame(rows)
+
+
+def test_fig_sweep_a_block_per_family_and_swept_key(tmp_path, monkeypatch):
+    """One block of four panels per family and swept key with two values or more (mlp_sweep:
+    width and seed; resnet: norm, as categories, not its one seed); none for the plain vgg; log x for widths
+    8…512, one line per method; fits a page."""
+    figs = _capture(monkeypatch)
+    out = _run(figures.fig_sweep, _pair_summary(), tmp_path, "fig13")
+    _check_pages("fig13", out, figs)
+    axes = [ax for fig in figs for ax in fig.findobj(matplotlib.axes.Axes) if ax.lines]
+    titles = [ax.get_title() for ax in axes]
+    assert len(axes) == 3 * 4 and not any("vgg" in t for t in titles)
+    width = [ax for ax in axes if ax.get_xlabel().startswith("model.width")]
+    assert len(width) == 4 and all(ax.get_xscale() == "log" for ax in width)
+    loss = next(ax for ax in width if ax.get_title() == "mlp_sweep: test loss barrier")
+    naive = next(line for line in loss.get_lines() if line.get_label() == "naive")
+    assert list(naive.get_xdata()) == [8, 32, 128, 512]
+    table = _pair_summary()
+    want = table[table.method == "naive"].groupby("sweep.model.width")["loss_barrier"].mean()
+    np.testing.assert_allclose(naive.get_ydata(), want.to_numpy())  # mean over pairs and seeds
+    norm = [ax for ax in axes if ax.get_xlabel() == "model.norm"]
+    assert [t.get_text() for t in norm[0].get_xticklabels()] == ["bn", "ln"]
+
+
+def test_fig_sweep_needs_a_swept_setting(tmp_path):
+    table = _pair_summary()
+    with pytest.raises(ValueError, match="no family sweeps"):
+        figures.fig_sweep(table[table.family == "vgg"], tmp_path / "x.pdf")
+
+
+def test_fig_lmc_llfc_one_point_per_pair(tmp_path, monkeypatch):
+    """Every pair is one point at (test loss barrier, LLFC ratio), coloured by method, marked
+    by family; pairs without a ratio are left out."""
+    figs = _capture(monkeypatch)
+    table = _pair_summary()
+    table.loc[0, "llfc_ratio"] = np.nan
+    out = _run(figures.fig_lmc_llfc, table, tmp_path, "fig14")
+    _check_pages("fig14", out, figs)
+    (ax,) = [ax for ax in figs[0].findobj(matplotlib.axes.Axes) if ax.collections]
+    points = np.concatenate([c.get_offsets() for c in ax.collections if len(c.get_offsets())])
+    kept = table.dropna(subset=["llfc_ratio"])
+    assert len(points) == len(kept)
+    assert sorted(map(tuple, points)) == sorted(zip(kept.loss_barrier, kept.llfc_ratio))
+    legend = [t.get_text() for t in figs[0].legends[0].get_texts()]
+    assert legend == ["naive", "spawning", "weight_matching", "mlp_sweep", "resnet", "vgg"]
+    assert "Spearman" in ax.get_title()

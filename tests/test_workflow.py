@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from lmcflow.config import load_yaml
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
@@ -47,6 +49,15 @@ TINY = {
             "llfc": {"probe_size": 64, "batch_size": 32},
             "layerwise": {"eval_samples": 200, "draws": 1, "random_orders": 0, "steps": [0, 1],
                           "norms": [0, 1], "splits": ["test"]},
+        },
+        "widths": {  # a sweep: experiments widths_width8 and widths_width16 (fig13, fig14)
+            "sweep": {"model.width": [8, 16]},
+            "model": {"arch": "mlp", "depth": 2},  # a hidden Linear layer for Dist_com
+            "train": {"epochs": 1},
+            "methods": ["naive", "weight_matching"],
+            "lmc": {"points": 3, "policies": ["reset"]},
+            "llfc": {"probe_size": 16},
+            "layerwise": {"enabled": False},
         },
     }
 }
@@ -85,7 +96,7 @@ def test_tiny_config_end_to_end(tmp_path):
     write_config(tmp_path, TINY)
     out = snakemake(tmp_path, "--cores", "2", timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    for fig in range(1, 13):
+    for fig in range(1, 15):
         assert (tmp_path / f"results/figures/fig{fig}.pdf").stat().st_size > 1000
     for exp in ("mlp", "cnn"):
         for method in METHODS:
@@ -98,7 +109,9 @@ def test_tiny_config_end_to_end(tmp_path):
     again = snakemake(tmp_path, "-n", "--cores", "2")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
     assert_reordered_config_plans_nothing(tmp_path)
+    assert_sweep_change_reruns_one_point(tmp_path)
     assert_report(tmp_path)
+    assert_sweep_columns(tmp_path / "results/tables")
 
     lmc = pd.read_parquet(tmp_path / "results/tables/lmc.parquet")
     assert list(lmc.columns[:3]) == ["experiment", "method", "pair"]
@@ -143,6 +156,48 @@ def assert_reordered_config_plans_nothing(workdir: Path) -> None:
     path.write_text(original)
 
 
+def assert_sweep_change_reruns_one_point(workdir: Path) -> None:
+    """Changing one swept value plans that point's jobs and the cross-experiment ones only."""
+    path = workdir / "config.yaml"
+    original = path.read_text()
+    config = yaml.safe_load(original)
+    config["experiments"]["widths"]["sweep"]["model.width"] = [8, 12]
+    write_config(workdir, config)
+    plan = snakemake(workdir, "-n", "--cores", "2")
+    assert plan.returncode == 0, plan.stderr
+    jobs = planned_jobs(plan.stdout)
+    assert {rule for rule, _ in jobs} >= {"train", "make_pair", "align_pair", "analyse_pair"}
+    for rule, wildcards in jobs:
+        assert rule in CROSS_EXPERIMENT_RULES or "experiment=widths_width12" in wildcards, (
+            rule, wildcards)
+    path.write_text(original)
+
+
+def assert_sweep_columns(tables: Path) -> None:
+    """Every table names each row's family and swept values (empty where not swept); the
+    per-pair summary has one row per pair."""
+    for path in sorted(tables.glob("*.parquet")):
+        if path.stem == "linear_toy":  # no experiments
+            continue
+        table = pd.read_parquet(path)
+        assert list(table.columns[:5]) == ["experiment", "method", "pair", "family",
+                                           "sweep.model.width"], path.stem
+        swept = table[table.family == "widths"]
+        layerwise = path.stem in ("layer_barriers", "cumulative_barriers", "layer_robustness",
+                                  "subspace")  # the sweep has them off
+        assert set(swept.experiment) == (set() if layerwise else {"widths_width8",
+                                                                  "widths_width16"}), path.stem
+        assert (swept["sweep.model.width"] == swept.experiment.str.extract(r"(\d+)$")[0]
+                .astype(int)).all(), path.stem
+        assert table.loc[table.family != "widths", "sweep.model.width"].isna().all(), path.stem
+        assert (table.loc[table.family != "widths", "family"]
+                == table.loc[table.family != "widths", "experiment"]).all(), path.stem
+    summary = pd.read_parquet(tables / "pair_summary.parquet")
+    pairs = pd.read_parquet(tables / "alignment.parquet")[["experiment", "method", "pair"]]
+    assert len(summary) == len(pairs.drop_duplicates()) == 3 * 4 + 2 * 2
+    assert summary[["loss_barrier", "error_barrier", "llfc_ratio", "dist_com"]].notna().all().all()
+
+
 def assert_report(workdir: Path) -> None:
     """The report holds every figure as PDF and PNG with its caption, and every table as an HTML
     preview a browser shows (no Parquet embedded as text)."""
@@ -156,10 +211,11 @@ def assert_report(workdir: Path) -> None:
         text = "".join(z.read(n).decode("utf-8", "replace") for n in names
                        if n.endswith((".html", ".js", ".json")))
     files = {Path(n).name for n in names}
-    for fig in range(1, 13):
+    for fig in range(1, 15):
         assert {f"fig{fig}.pdf", f"fig{fig}.png"} <= files, fig
     tables = ["lmc", "alignment", "llfc", "weak_additivity", "commutativity", "stitching",
-              "layer_barriers", "cumulative_barriers", "layer_robustness", "subspace", "linear_toy"]
+              "layer_barriers", "cumulative_barriers", "layer_robustness", "subspace", "linear_toy",
+              "pair_summary"]
     for table in tables:
         assert f"{table}.html" in files, table
     assert not any(n.endswith(".parquet") for n in names)
@@ -171,7 +227,7 @@ def assert_report(workdir: Path) -> None:
     assert "Mean per group" in page and "one_minus_cos_alpha" in page
 
 
-CROSS_EXPERIMENT_RULES = {"table", "lmc_table", "figure", "all"}
+CROSS_EXPERIMENT_RULES = {"table", "lmc_table", "pair_summary", "figure", "all"}
 
 
 def planned_jobs(dry_run_stdout: str) -> list[tuple[str, str]]:
@@ -360,7 +416,7 @@ def test_paper_configs_dry_run_on_their_own(tmp_path, config):
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
     out = snakemake(tmp_path, "-n", "--cores", "8", "--configfile", str(REPO / "workflow/configs" / config))
     assert out.returncode == 0, out.stderr[-3000:]
-    paper = yaml.safe_load((REPO / "workflow/configs" / config).read_text())
+    paper = load_yaml(REPO / "workflow/configs" / config)  # sweeps expanded: one name per point
     planned = {w.split("experiment=")[1].split(",")[0] for _, w in planned_jobs(out.stdout)
                if "experiment=" in w}
     assert planned == set(paper["experiments"])
@@ -372,7 +428,7 @@ def test_paper_configs_dry_run_on_their_own(tmp_path, config):
 def _smoke_config(config_file: Path, data_dir: Path) -> dict:
     """A paper config shrunk to one batch of one epoch on the fixture data: same experiments,
     models (the smallest width of a sweep), methods and analyses."""
-    experiments = yaml.safe_load(config_file.read_text())["experiments"]
+    experiments = load_yaml(config_file)["experiments"]  # sweeps expanded
     widths = [e["model"].get("width", 1) for e in experiments.values()]
     small = {}
     for name, e in experiments.items():

@@ -1,7 +1,8 @@
 """Configuration: validated once against the JSON schema, then frozen dataclasses per section.
 
-`validate(config)` fills the schema's defaults in place and raises `ConfigError` naming the bad
-key (as a dotted path), the value and what is allowed. Rules hand each job only its own
+`validate(config)` first expands every experiment's `sweep:` grid into one experiment per point
+(`expand_sweeps`), then fills the schema's defaults in place and raises `ConfigError` naming the
+bad key (as a dotted path), the value and what is allowed. Rules hand each job only its own
 experiment's sections as plain dicts through `params:`, so Snakemake's params trigger re-runs
 exactly the jobs whose values changed; scripts rebuild the dataclasses from those dicts.
 """
@@ -12,6 +13,8 @@ import ast
 import copy
 import dataclasses
 import difflib
+import itertools
+import re
 import importlib.machinery
 import importlib.util
 from dataclasses import dataclass
@@ -53,28 +56,183 @@ def _dotted(path) -> str:
 
 
 def validate(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
-    """Check `config` against the schema (filling defaults in place) and cross-field rules."""
+    """Expand sweeps, check `config` against the schema (filling defaults in place) and
+    cross-field rules. An error in a sweep's point names the sweep's key
+    (``experiments.<name>.sweep.<key>``) or the experiment as written (``experiments.<name>``)."""
     schema = yaml.safe_load(Path(schema_path).read_text())
+    origins: dict[str, tuple[str, dict]] = {}
+    if isinstance(config.get("experiments"), dict):
+        config["experiments"], origins = expand_sweeps(config["experiments"])
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
-        raise ConfigError(_explain(error))
+        raise ConfigError(_explain(error, lambda path: _origin(path, origins)))
     for name, exp in config["experiments"].items():
         if name in RESERVED_NAMES:
             raise ConfigError(f"config key experiments.{name}: the name is taken by the output folder "
                               f"{config['results']}/{name}/; rename the experiment")
-        _check_experiment(name, exp, _builtin_archs(schema))
+        try:
+            _check_experiment(name, exp, _builtin_archs(schema))
+        except ConfigError as err:
+            if name not in origins:
+                raise
+            raise ConfigError(f"{err} (in {name}, a point of experiments.{origins[name][0]}.sweep)"
+                              ) from None
     return config
 
 
-def _explain(error: jsonschema.ValidationError) -> str:
-    """A schema error in the user's words: the key as a dotted path, an unknown key with the
-    close matches among the keys allowed there, a range as the interval it is."""
-    key, schema, value = _dotted(error.absolute_path), error.schema, error.instance
+# ---------------------------------------------------------------- sweeps
+
+SWEEP_TOKEN = re.compile(r"[^A-Za-z0-9.-]")  # characters a value may not bring into a name
+NOT_SWEPT = ("sweep", "family", "swept")  # keys of an experiment that a sweep cannot set
+
+
+def expand_sweeps(experiments: dict) -> tuple[dict, dict]:
+    """Experiments with every ``sweep:`` grid replaced by one experiment per point.
+
+    ``sweep`` maps dotted setting keys (``model.width``, ``seed``, ``train.lr``) to lists of
+    values (numbers, strings, booleans); the points are every combination. A key's values may
+    instead be a mapping value -> {dotted key: setting}: settings that go with that value (a
+    smaller probe set for a wider network). A point is named
+    ``<name>_<label><value>[_<label><value>…]``, keys in sorted order (so the order in the
+    file does not matter), label = the key's last part (the whole key, dots as '-', where two
+    swept keys share it), value as written (floats in their shortest form, booleans
+    true/false, in strings every character but letters, digits, '.' and '-' replaced by '-').
+    Each point also gets ``family`` (the sweep's name, unless the experiment sets one) and
+    ``swept`` ({key: value}), the tables' columns. Returns the experiments in their order and,
+    per point, (the sweep's name, {key path: config key}) for naming errors.
+    """
+    explicit = {n for n, e in experiments.items() if not (isinstance(e, dict) and "sweep" in e)}
+    expanded: dict = {}
+    origins: dict[str, tuple[str, dict]] = {}
+    for name, exp in experiments.items():
+        if name in explicit:
+            expanded[name] = exp
+            continue
+        for point, setting, where in _sweep_points(name, exp):
+            if point in explicit or point in expanded:
+                raise ConfigError(f"config key experiments.{name}.sweep: its point {point} is also "
+                                  f"the name of another experiment; rename one of them")
+            expanded[point], origins[point] = setting, (name, where)
+    return expanded, origins
+
+
+def _sweep_points(name: str, exp: dict):
+    """(point name, its experiment, {key path: config key}) for every point of ``exp``'s grid."""
+    where = f"experiments.{name}.sweep"
+    grid = exp["sweep"]
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(f"config key {where}: a sweep maps setting keys (dotted, e.g. "
+                          f"model.width) to lists of values; got {grid!r}")
+    keys = sorted(grid, key=str)
+    axes = [_sweep_axis(f"{where}.{key}", key, grid[key]) for key in keys]
+    labels = _sweep_labels(keys)
+    base = {k: v for k, v in exp.items() if k != "sweep"}
+    names: dict[str, tuple] = {}
+    for combo in itertools.product(*axes):
+        point, paths = copy.deepcopy(base), {}
+        for key, (value, settings) in zip(keys, combo):
+            paths[_set(point, key, value, f"{where}.{key}", paths)] = f"{where}.{key}"
+            for skey, setting in settings.items():
+                at = f"{where}.{key}.{_token(value)}.{skey}"
+                paths[_set(point, skey, setting, at, paths)] = at
+        values = {key: value for key, (value, _) in zip(keys, combo)}
+        pname = "_".join([name, *(f"{labels[k]}{_token(v)}" for k, v in values.items())])
+        if pname in names:
+            raise ConfigError(f"config key {where}: the points {names[pname]} and "
+                              f"{tuple(values.values())} would both be named {pname}; "
+                              "use values that differ in letters, digits, '.' or '-'")
+        names[pname] = tuple(values.values())
+        point.setdefault("family", name)
+        point["swept"] = values
+        yield pname, point, paths
+
+
+def _sweep_axis(where: str, key, values) -> list[tuple]:
+    """[(value, {dotted key: setting that goes with it}), …] of one swept key."""
+    parts = key.split(".") if isinstance(key, str) else []
+    if not parts or not all(parts) or parts[0] in NOT_SWEPT:
+        raise ConfigError(f"config key {where}: not a setting a sweep can set; keys are dotted "
+                          "paths such as model.width, seed, train.lr")
+    settings = {}
+    if isinstance(values, dict):  # value -> settings of the points with that value
+        settings, values = values, list(values)
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"config key {where}: {values!r} is not a list of values "
+                          "(e.g. [1, 2, 4])")
+    for i, value in enumerate(values):
+        if not (value is None or isinstance(value, (bool, int, float, str))):
+            raise ConfigError(f"config key {where}: {value!r} is not a number, string or boolean "
+                              "(a point is named after its values)")
+        if value in values[:i]:
+            raise ConfigError(f"config key {where}: {value!r} is listed twice")
+        extra = settings.get(value) or {}
+        if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+            raise ConfigError(f"config key {where}.{_token(value)}: the settings that go with a "
+                              f"value are a mapping of dotted keys to values; got {extra!r}")
+    return [(v, settings.get(v) or {}) for v in values]
+
+
+def _sweep_labels(keys: list[str]) -> dict[str, str]:
+    """Each swept key's label in point names: its last part, or the whole key (dots as '-')
+    where two keys share their last part."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (k.replace(".", "-") if last.count(t) > 1 else t) for k, t in zip(keys, last)}
+
+
+def _token(value) -> str:
+    """A swept value as it appears in an experiment name (a path component and a wildcard)."""
+    if value is None or isinstance(value, bool):
+        text = {None: "none", True: "true", False: "false"}[value]
+    elif isinstance(value, float):
+        text = f"{value:g}" if float(f"{value:g}") == value else repr(value)
+    else:
+        text = str(value)
+    return SWEEP_TOKEN.sub("-", text)
+
+
+def _set(exp: dict, key: str, value, where: str, taken: dict) -> tuple:
+    """Set the dotted ``key`` of ``exp`` to ``value`` (mappings on the way created); returns its
+    path. ``taken``: paths already set for this point (a key set twice is refused)."""
+    path = tuple(key.split("."))
+    if not all(path) or path[0] in NOT_SWEPT:
+        raise ConfigError(f"config key {where}: not a setting a sweep can set; keys are dotted "
+                          "paths such as llfc.probe_size")
+    if path in taken:
+        raise ConfigError(f"config key {where}: {key} is already set by {taken[path]}")
+    node = exp
+    for i, part in enumerate(path[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {where}: {'.'.join(path[:i + 1])} is not a mapping")
+    node[path[-1]] = copy.deepcopy(value)
+    return path
+
+
+def _origin(path: list, origins: dict) -> str:
+    """The config key the user wrote for the key ``path`` of the expanded config: in a sweep's
+    point, the sweep's key that set it (``experiments.<sweep>.sweep.<key>``), else the key in
+    the experiment as written (``experiments.<sweep>.<key>``)."""
+    if len(path) < 2 or path[0] != "experiments" or path[1] not in origins:
+        return _dotted(path)
+    name, paths = origins[path[1]]
+    rest = tuple(str(p) for p in path[2:])
+    for key, where in paths.items():
+        if rest[:len(key)] == key:
+            return ".".join([where, *rest[len(key):]])
+        if key[:len(rest)] == rest and rest:  # an error at a mapping on the way (unknown key)
+            return where
+    return _dotted(["experiments", name, *rest])
+
+
+def _explain(error: jsonschema.ValidationError, name=_dotted) -> str:
+    """A schema error in the user's words: the key as a dotted path (``name(path)``), an unknown
+    key with the close matches among the keys allowed there, a range as the interval it is."""
+    key, schema, value = name(list(error.absolute_path)), error.schema, error.instance
     if error.validator == "additionalProperties" and isinstance(value, dict):
         allowed = sorted(schema.get("properties", {}))
         unknown = sorted(set(value) - set(allowed))
-        where = f"{key}.{unknown[0]}" if error.absolute_path else unknown[0]
+        where = name([*error.absolute_path, unknown[0]])
         return (f"config key {where}: unknown key{_suggest(unknown[0], allowed)} "
                 f"(keys allowed here: {', '.join(allowed)})")
     if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):

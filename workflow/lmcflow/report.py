@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .io import atomic_path
+from .summary import SWEPT
 
 # one sentence per table: what one row is (the README's "Tables" section has every column)
 ROWS = {
@@ -26,6 +27,7 @@ ROWS = {
     "layer_robustness": "one row per pair, layer, direction, draw, step and split: loss after a move",
     "subspace": "one row per pair, endpoint, direction, draw, norm and split: loss after a move",
     "linear_toy": "one row per path and α of the deep linear toy",
+    "pair_summary": "one row per pair: test loss and error barriers, LLFC ratio and Dist_com over the hidden layers",
 }
 MEASURE_EXCLUDE = {"alpha", "sample", "layer_index", "step", "draw", "epoch", "norm",
                    "norm_fraction"}  # numeric columns that identify a row rather than measure
@@ -37,7 +39,8 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     keys = [c for c in ("experiment", "method", "bn", "split", "layer", "direction", "path", "into",
                         "order", "endpoint") if c in table.columns]
     values = [c for c in table.columns
-              if pd.api.types.is_float_dtype(table[c]) and c not in MEASURE_EXCLUDE]
+              if pd.api.types.is_float_dtype(table[c]) and c not in MEASURE_EXCLUDE
+              and not c.startswith(SWEPT)]  # a swept setting (e.g. a width) is not a measure
     if not values:
         return table.head(0)
     if not keys:

@@ -78,9 +78,23 @@ def results(path):
 
 
 FEDERATED = any(federated_aggregations(e) for e in EXPERIMENTS.values())
+# family and swept values of every experiment (config.expand_sweeps): the tables' columns
+SWEEP_POINTS = canonical({name: {"family": e.get("family", name), "swept": e.get("swept", {})}
+                          for name, e in EXPERIMENTS.items()})
+
+
+def _swept_somewhere():
+    """Whether some family's experiments differ in a swept value (fig13 has a line to draw)."""
+    values = {}
+    for point in SWEEP_POINTS.values():
+        for key, value in point["swept"].items():
+            values.setdefault((point["family"], key), set()).add(repr(value))
+    return any(len(v) > 1 for v in values.values())
+
+
 FIGURES = [results(f"figures/fig{n}.pdf")
            for n in (*range(1, 7), *(range(7, 12) if LAYERWISE else ()), 12,
-                     *((15,) if FEDERATED else ()))]
+                     *((13,) if _swept_somewhere() else ()), 14, *((15,) if FEDERATED else ()))]
 ENV = "../../envs/lmcflow.yaml"
 
 

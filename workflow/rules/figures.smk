@@ -15,11 +15,13 @@ TABLE_OF_FIGURE = {
     "fig10": "subspace",
     "fig11": "linear_toy",
     "fig12": "stitching",
+    "fig13": "pair_summary",
+    "fig14": "pair_summary",
     "fig15": "federated",
 }
 
 
-TABLE_CODE = code("logs", "io", "report", "barriers")  # torch-free
+TABLE_CODE = code("logs", "io", "report", "barriers", "summary")  # torch-free
 
 
 rule table:
@@ -29,6 +31,7 @@ rule table:
         ),
     params:
         code=TABLE_CODE,
+        sweeps=SWEEP_POINTS,
     output:
         parquet=results("tables/{table}.parquet"),
         html=report(results("tables/{table}.html"), caption="../report/table.rst", category="Tables",
@@ -50,6 +53,7 @@ use rule table as lmc_table with:
         tables=pair_files("lmc.parquet"),
     params:
         code=TABLE_CODE,
+        sweeps=SWEEP_POINTS,
     output:
         parquet=results("tables/lmc.parquet"),
         html=report(results("tables/lmc.html"), caption="../report/table.rst", category="Tables",
@@ -63,11 +67,30 @@ use rule table as lmc_table with:
         results("benchmarks/tables/lmc.tsv")
 
 
+rule pair_summary:
+    input:
+        **{t: results(f"tables/{t}.parquet") for t in ("lmc", "llfc", "commutativity")},
+    params:
+        code=TABLE_CODE,
+    output:
+        parquet=results("tables/pair_summary.parquet"),
+        html=report(results("tables/pair_summary.html"), caption="../report/table.rst",
+                    category="Tables", labels={"table": "pair_summary"}),
+    log:
+        results("logs/tables/pair_summary.log"),
+    benchmark:
+        results("benchmarks/tables/pair_summary.tsv")
+    conda:
+        ENV
+    script:
+        "../scripts/pair_summary.py"
+
+
 rule figure:
     input:
         lambda wildcards: results(f"tables/{TABLE_OF_FIGURE[wildcards.fig]}.parquet"),
     params:
-        code=code("logs", "io", "figures", "barriers"),
+        code=code("logs", "io", "figures", "barriers", "summary"),
     output:
         pdf=report(results("figures/{fig}.pdf"), caption="../report/figure.rst", category="Figures",
                    labels={"figure": "{fig}", "file": "PDF"}),

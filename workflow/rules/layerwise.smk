@@ -29,7 +29,7 @@ rule layerwise:
 
 rule linear_toy:
     params:
-        code=code("logs", "io", "toy", "report"),
+        code=code("logs", "io", "toy", "report", "summary", "barriers"),
     output:
         parquet=results("tables/linear_toy.parquet"),
         html=report(results("tables/linear_toy.html"), caption="../report/table.rst",
