@@ -16,6 +16,9 @@ TABLE_OF_FIGURE = {
     "fig11": "linear_toy",
     "fig12": "stitching",
     "fig15": "federated",
+    "fig16": "ctl",
+    "fig17": "task_arithmetic",
+    "fig18": "averaging",
 }
 
 
