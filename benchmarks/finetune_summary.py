@@ -65,7 +65,7 @@ def main(tables: Path) -> None:
     for start, g in ev.groupby("start"):
         add = g[(g.operation == "addition") & g.role.isin(["a", "b"])]
         per = add.pivot_table(index=["pair", "lambda"], columns="role", values="acc")
-        best = per.assign(mean=per.mean(1)).groupby("pair")["mean"].idxmax()
+        best = per.assign(mean=per.mean(axis=1)).groupby("pair")["mean"].idxmax()
         at = per.loc[best.tolist()]
         zero = per.xs(0.0, level="lambda")
         neg = g[(g.operation == "negation") & (g["lambda"] == g["lambda"].max())]
