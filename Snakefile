@@ -19,6 +19,7 @@ include: "workflow/rules/pairs.smk"
 include: "workflow/rules/analyses.smk"
 include: "workflow/rules/layerwise.smk"
 include: "workflow/rules/federated.smk"
+include: "workflow/rules/finetune.smk"
 include: "workflow/rules/figures.smk"
 
 

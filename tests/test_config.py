@@ -40,7 +40,7 @@ def test_defaults_are_not_shared_between_experiments():
     ({"lmc": {"bn": "rest"}}, "experiments.e.lmc.bn", ["'interpolate'", "'reset'"]),
     ({"train": {"lr": "fast"}}, "experiments.e.train.lr", ["number"]),
     ({"train": {"schedule": "step"}}, "experiments.e.train.schedule", ["multistep"]),
-    ({"trian": {}}, "experiments.e.trian", ["did you mean train?"]),
+    ({"trian": {}}, "experiments.e.trian", ["did you mean train"]),
     ({"methods": ["spawn"]}, "experiments.e.methods.0", ["spawning"]),
     ({"data": {"name": "imagenet"}}, "experiments.e.data.name", ["cifar10"]),
     ({"spawn_epoch": 10}, "experiments.e.spawn_epoch", ["train.epochs"]),

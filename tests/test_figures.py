@@ -157,7 +157,7 @@ def _run(fig, table, tmp_path, name):
 
 
 def test_registry_has_all_figures():
-    assert list(FIGURES) == [f"fig{i}" for i in range(1, 16)]
+    assert list(FIGURES) == [f"fig{i}" for i in range(1, 19)]
     assert all(callable(f) for f in FIGURES.values())
 
 
@@ -587,3 +587,55 @@ def test_fig_lmc_llfc_one_point_per_pair(tmp_path, monkeypatch):
     legend = [t.get_text() for t in figs[0].legends[0].get_texts()]
     assert legend == ["naive", "spawning", "weight_matching", "mlp_sweep", "resnet", "vgg"]
     assert "Spearman" in ax.get_title()
+
+
+def _finetune_tables(layers):
+    """Synthetic ctl, task_arithmetic and averaging tables: every experiment of ``layers``,
+    cross-task pairs from θ_0 and from random init, two pairs each."""
+    rng = np.random.default_rng(3)
+    starts = {"finetune_cross_task": "pretrained", "finetune_cross_task_random": "random"}
+    ids = [dict(experiment=e, method=m, pair=f"pair{p}", task_a="inverted", task_b="rotated",
+                start=s) for e in layers for m, s in starts.items() for p in range(2)]
+    ctl = pd.DataFrame([{**i, "alpha": a, "beta": b, "layer": l, "layer_index": k, "sample": n,
+                         "one_minus_cos": 0.0 if k == 0 else 10.0 ** rng.uniform(-4, -1),
+                         "coef_c": rng.uniform(0.8, 1.2), "one_minus_cos_ab": rng.uniform(0.2, 0.9)}
+                        for i in ids for a, b in ((0.5, 0.5), (1.0, 1.0))
+                        for k, l in enumerate(layers[i["experiment"]]) for n in range(4)])
+    lambdas = np.linspace(0, 1, 11)
+    ev = [{**i, "kind": "evaluation", "operation": op, "lambda": lam, "task": t, "role": r,
+           "split": "test", "loss": rng.uniform(0.1, 3), "error": rng.uniform(0, 1)}
+          for i in ids for op in ("addition", "negation") for lam in lambdas
+          for t, r in (("inverted", "a"), ("rotated", "b"), ("original", "pretraining"),
+                       ("flipped", "other"))]
+    ft = [{**i, "kind": "features", "operation": op, "lambda": lam, "layer": l, "layer_index": k,
+           "one_minus_cos": 0.0 if lam == 0 else rng.uniform(0, 0.5), "one_minus_cos_sd": 0.05,
+           "coef_c": rng.uniform(0.5, 2), "coef_c_sd": 0.1, "samples": 4}
+          for i in ids for op in ("addition", "negation") for lam in lambdas
+          for k, l in enumerate(layers[i["experiment"]])]
+    groups = {"tasks": ("flipped+inverted+rotated", 3), "same_task:rotated": ("rotated", 4),
+              "same_task:inverted": ("inverted", 4), "same_task:flipped": ("flipped", 4)}
+    avg = [{"experiment": e, "start": s, "group": g, "tasks": ts, "k": k, "kind": "evaluation",
+            "model": m, "task": t, "split": "test", "loss": rng.uniform(0.1, 2),
+            "error": rng.uniform(0, 1)}
+           for e in layers for s in ("pretrained", "random") for g, (ts, k) in groups.items()
+           for m in ("average", "ensemble", "members")
+           for t in ("original", "rotated", "inverted", "flipped")]
+    avg += [{"experiment": e, "start": s, "group": g, "tasks": ts, "k": k, "kind": "features",
+             "layer": l, "layer_index": j, "one_minus_cos": 10.0 ** rng.uniform(-5, -1),
+             "coef_c": rng.uniform(0.9, 2)}
+            for e in layers for s in ("pretrained", "random") for g, (ts, k) in groups.items()
+            for j, l in enumerate(layers[e])]
+    return {"fig16": ctl, "fig17": pd.DataFrame(ev + ft), "fig18": pd.DataFrame(avg)}
+
+
+def test_finetune_figures_fit_a_page(tmp_path, monkeypatch):
+    """fig16-fig18 for a shallow and a 30-layer experiment: every page within 7.8 × 11 in, no
+    empty panel, no text below 8 pt."""
+    figs = _capture(monkeypatch)
+    layers = {"mlp_ft": ["fc1", "relu1", "fc2", "relu2", "out"],
+              "deep_ft": DEEP["resnet_cifar10"]}
+    for name, table in _finetune_tables(layers).items():
+        figs.clear()
+        out = _run(FIGURES[name], table, tmp_path, name)
+        _check_pages(name, out, figs)
+        assert all(w <= 7.8 + 1e-6 for w, _ in _pdf_pages(out)), name

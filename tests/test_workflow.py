@@ -421,7 +421,10 @@ def test_paper_configs_dry_run_on_their_own(tmp_path, config):
                if "experiment=" in w}
     assert planned == set(paper["experiments"])
     root = paper["results"]
-    assert root != "results" and f"{root}/figures/fig11.pdf" in out.stdout
+    layerwise = any((e.get("layerwise") or {}).get("enabled", True)
+                    for e in paper["experiments"].values())
+    assert root != "results" and f"{root}/figures/fig1.pdf" in out.stdout
+    assert (f"{root}/figures/fig11.pdf" in out.stdout) == layerwise
     assert "results/figures/" not in out.stdout  # nothing of the default config's root
 
 
@@ -440,6 +443,11 @@ def _smoke_config(config_file: Path, data_dir: Path) -> dict:
         e["llfc"] = {"probe_size": 8, "batch_size": 8}
         if "federated" in e:  # one round of two clients (8 images of a class in the fixture)
             e["federated"].update(clients=2, local_epochs=1, keep_rounds=[0], min_shard=1)
+        if "finetune" in e:  # two fine-tunings of each task, one epoch, one pair per method
+            e["finetune"].update(runs=2, lambdas=[0.0, 1.0])
+            e["finetune"]["train"] = {**e["finetune"].get("train", {}), "epochs": 1,
+                                      "batch_size": 128}
+            e["pairs"] = 1
         e["lmc"] = {**e.get("lmc", {}), "points": 3, "batch_size": 64}
         # interpolated BN statistics: no reset pass per variant, and the batched (vmap) path
         e["layerwise"] = {"eval_samples": 8, "draws": 1, "steps": [1], "norms": [1],

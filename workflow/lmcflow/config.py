@@ -73,6 +73,7 @@ def validate(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
                               f"{config['results']}/{name}/; rename the experiment")
         try:
             _check_experiment(name, exp, _builtin_archs(schema))
+            _check_finetune(f"experiments.{name}", exp, schema)
         except ConfigError as err:
             if name not in origins:
                 raise
@@ -463,6 +464,71 @@ def _check_federated(where: str, exp: dict) -> None:
         raise ConfigError(f"{key}.layers: methods {methods} average a subset of layer "
                           "groups; list them here")
     # the names themselves need the model: lmcflow.federated.check_layer_names, at start-up
+
+
+def finetune_methods(exp: dict) -> list[str]:
+    return [m for m in exp["methods"] if m.startswith("finetune_")]
+
+
+def _check_finetune(where: str, exp: dict, schema: dict) -> None:
+    """Tasks exist, each task's merged training setting is valid (filled in as its ``train``),
+    the methods have the tasks and runs their pairs need, and files a user brings come with the
+    pretrained model they were fine-tuned from."""
+    from .finetune_plan import most_pairs, parse_method
+    from .tasks import check_task
+
+    fine, key = exp["finetune"], f"config key {where}"
+    for task_key, name in [("pretrain.task", exp["pretrain"]["task"]),
+                           *((f"finetune.tasks.{t}", t) for t in fine["tasks"])]:
+        try:
+            check_task(name)
+        except ValueError as err:
+            raise ConfigError(f"{key}.{task_key}: {err}") from None
+    train_schema = schema["$defs"]["experiment"]["properties"]["train"]
+    validator = _with_defaults(jsonschema.Draft202012Validator)(train_schema)
+    for task, setting in fine["tasks"].items():
+        setting = fine["tasks"][task] = dict(setting or {})
+        merged = {**copy.deepcopy(fine["train"]), **setting.get("train", {})}
+        error = jsonschema.exceptions.best_match(validator.iter_errors(merged))
+        if error is not None:
+            path = ".".join(str(p) for p in error.absolute_path)
+            raise ConfigError(f"{key}.finetune.tasks.{task}.train{'.' + path if path else ''}: "
+                              f"{error.message}")
+        setting["train"] = merged
+        if setting.get("checkpoints") and "checkpoint" not in exp["pretrain"]:
+            raise ConfigError(
+                f"{key}.finetune.tasks.{task}.checkpoints: fine-tuned files need the pretrained "
+                f"model they were fine-tuned from (task vectors are θ_i − θ_0): set "
+                f"{where}.pretrain.checkpoint to that file")
+    for name in ("train", *(f"tasks.{t}.train" for t in fine["tasks"])):
+        train = fine["train"] if name == "train" else fine["tasks"][name.split(".")[1]]["train"]
+        late = [e for e in (*train["milestones"], *train["checkpoint_epochs"]) if e > train["epochs"]]
+        if late:
+            raise ConfigError(f"{key}.finetune.{name}: epochs {late} lie after its epochs "
+                              f"({train['epochs']})")
+    methods = finetune_methods(exp)
+    if not methods:
+        return
+    if not fine["tasks"]:
+        raise ConfigError(f"{key}.finetune.tasks: methods {methods} fine-tune named tasks; list "
+                          "at least one (two for finetune_cross_task), e.g. tasks: {rotated: {}, "
+                          "inverted: {}}")
+    own = sorted(t for t, s in fine["tasks"].items() if s.get("checkpoints"))
+    randoms = [m for m in methods if m.endswith("_random")]
+    if own and randoms:
+        raise ConfigError(f"{key}.methods: {randoms} fine-tune from a random initialisation, which "
+                          f"the files of finetune.tasks ({', '.join(own)}) cannot give; drop them")
+    for method in methods:
+        kind, _ = parse_method(method)
+        if kind == "cross_task" and len(fine["tasks"]) < 2:
+            raise ConfigError(f"{key}.finetune.tasks: {method} pairs fine-tunings of two different "
+                              "tasks; list at least two")
+        most = most_pairs(exp, method)
+        if exp["pairs"] > most:
+            what = ("two fine-tunings of a task per pair" if kind == "same_task"
+                    else "one fine-tuning of each task per pair")
+            raise ConfigError(f"{key}.pairs: {exp['pairs']} pairs of {method}, but the tasks' "
+                              f"runs give {most} ({what}); lower pairs or raise finetune.runs")
 
 
 # ---------------------------------------------------------------- typed sections for scripts

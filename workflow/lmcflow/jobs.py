@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from . import logs
-from .data import Data, load_dataset
+from .data import Data
 from .models import build_model
+from .tasks import load_task_data as load_dataset  # a data spec may name tasks (lmcflow.tasks)
 from .training import resolve_device
 
 

@@ -7,6 +7,9 @@ are paths under results/{experiment}/runs/:
 - `spawn{s}/parent`: the same as `seed{s}`, stopped at `spawn_epoch`;
 - `spawn{s}/child{k}`: the parent's checkpoint (weights and optimizer state) trained to the end
   with SGD-noise seed derive_seed(s, k + 1).
+Fine-tuning methods (`lmcflow.finetune`: finetune_same_task, finetune_cross_task and their
+`_random` controls) name runs `pretrain` and `finetune/{start}/{task}/run{r}`, chosen from the
+experiment's tasks (`pair_runs`).
 Federated methods (`lmcflow.federated`) name files of a federated run instead,
 `federated/{aggregation}/seed{s}/client{k}` and `.../global` (a Method's `path` says where a
 run's file lies under results/{experiment}/): `federated_<aggregation>` pairs clients 0 and 1,
@@ -35,6 +38,16 @@ class Method:
     align: Callable | None = None
     # run name -> its file under results/{experiment}/
     path: Callable[[str], str] = lambda run: f"runs/{run}/final.pt"
+    # (experiment's config, pair index) -> runs of A and B, for methods whose runs depend on
+    # more than the base seed (fine-tuning: the tasks); replaces `endpoints` where given
+    experiment_endpoints: Callable[[dict, int], tuple[str, str]] | None = None
+
+
+def pair_runs(method: Method, exp: dict, pair: int) -> tuple[str, str]:
+    """The run names of a pair's endpoints A and B."""
+    if method.experiment_endpoints is not None:
+        return method.experiment_endpoints(exp, pair)
+    return method.endpoints(exp["seed"], pair)
 
 
 def independent_runs(seed: int, pair: int) -> tuple[str, str]:
@@ -125,6 +138,29 @@ for _agg in ("full", "layers", "aligned"):
         _m = _federated_method(_agg, _global)
         METHODS[_m.name] = _m
 FEDERATED_METHODS = [name for name in METHODS if name.startswith(f"{FEDERATED}_")]
+
+
+def _finetune_method(name: str) -> Method:
+    from . import finetune_plan as finetune
+
+    kind, start = finetune.parse_method(name)
+    what = ("two fine-tunings of one task with different seeds (model soup)" if kind == "same_task"
+            else "fine-tunings of two different tasks (cross-task linearity)")
+    origin = "the pretrained model" if start == "pretrained" else \
+        "the pretrained model's random initialisation (the control)"
+    return Method(name, lambda seed, pair: (_no_seed_endpoints(name)),
+                  f"{what}, from {origin}",
+                  experiment_endpoints=lambda exp, pair: finetune.pair_runs(exp, name, pair))
+
+
+def _no_seed_endpoints(name: str):
+    raise ValueError(f"{name}: its runs depend on the experiment's tasks; use pairs.pair_runs")
+
+
+for _name in ("finetune_same_task", "finetune_cross_task", "finetune_same_task_random",
+              "finetune_cross_task_random"):
+    METHODS[_name] = _finetune_method(_name)
+FINETUNE_METHODS = [name for name in METHODS if name.startswith("finetune_")]
 PERMUTATION_METHODS = [name for name, m in METHODS.items() if m.align is not None]
 
 
@@ -161,6 +197,67 @@ def check_endpoint_files(name: str, exp: dict) -> None:
                 f"{name} is configured for a {_describe(model)}; to compare these files set "
                 f"{where}.model to {_architecture(stored)}, or point {where}.runs.{key} at a "
                 f"checkpoint of {model['arch']}")
+
+
+def check_finetune_files(name: str, exp: dict) -> None:
+    """Start-up check of the files an experiment brings for fine-tuning (pretrain.checkpoint,
+    finetune.tasks.<task>.checkpoints): each must exist, be readable and hold the configured
+    model — a file of this workflow by its stored spec, a plain state dict by building the model
+    (for datasets of known image shape) and comparing keys and shapes. Raises ConfigError naming
+    the key, the file and what to change."""
+    from .config import ConfigError
+
+    where = f"experiments.{name}"
+    files = [("pretrain.checkpoint", exp["pretrain"]["checkpoint"])] \
+        if "checkpoint" in exp["pretrain"] else []
+    for task, setting in exp["finetune"]["tasks"].items():
+        files += [(f"finetune.tasks.{task}.checkpoints[{i}]", f)
+                  for i, f in enumerate((setting or {}).get("checkpoints") or [])]
+    model = None
+    for key, path in files:
+        hint = (f"replace {path} with a checkpoint of the configured model (config key {where}.{key} "
+                "points at it), or point that key at another file")
+        if not Path(path).is_file():
+            raise ConfigError(f"config key {where}.{key}: {path} does not exist; put your "
+                              "checkpoint there or change the path")
+        from .training import check_fits, load_run
+
+        try:
+            run = load_run(path, hint=hint)
+        except ValueError as err:
+            raise ConfigError(f"config key {where}.{key}: {err}") from None
+        spec = run.get("spec")
+        if spec is not None:
+            stored = {"arch": spec["arch"], **spec["args"]}
+            if _architecture(stored) != _architecture(exp["model"]):
+                raise ConfigError(
+                    f"config key {where}.{key}: {path} holds a {_describe(stored)}, but experiment "
+                    f"{name} is configured for a {_describe(exp['model'])}; set {where}.model to "
+                    f"{_architecture(stored)}, or point {where}.{key} at a checkpoint of "
+                    f"{exp['model']['arch']}")
+            continue
+        model = model or _configured_model(exp)
+        if model is None:
+            continue
+        try:
+            check_fits(run["model"], model, path, f"{exp['model']['arch']}, the model of "
+                       f"experiment {name}", f"{hint}; or set {where}.model to the architecture "
+                       "the file holds")
+        except ValueError as err:
+            raise ConfigError(f"config key {where}.{key}: {err}") from None
+
+
+def _configured_model(exp: dict):
+    """The experiment's model, built for its dataset's image shape (None where that is only
+    known from the data: imagefolder)."""
+    from .config import IMAGE_SHAPES
+    from .models import build_model
+
+    shape = IMAGE_SHAPES.get(exp["data"]["name"])
+    if shape is None:
+        return None
+    return build_model(exp["model"]["arch"], shape, 10,
+                       **{k: v for k, v in exp["model"].items() if k != "arch"})
 
 
 def _architecture(model: dict) -> dict:

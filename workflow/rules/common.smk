@@ -14,8 +14,10 @@ import sys
 sys.path.insert(0, os.path.join(workflow.basedir, "workflow"))
 
 from lmcflow.config import (ConfigError, canonical, describe_params_change,
-                            federated_aggregations, python_model_files)
-from lmcflow.pairs import METHODS, PERMUTATION_METHODS, get_method, pair_index, pair_name
+                            federated_aggregations, finetune_methods, python_model_files)
+from lmcflow import finetune_plan as finetune
+from lmcflow.pairs import (FINETUNE_METHODS, METHODS, PERMUTATION_METHODS, get_method, pair_index,
+                           pair_name, pair_runs)
 from lmcflow.seeds import derive_seed
 from lmcflow.startup import check as check_config
 
@@ -92,9 +94,13 @@ def _swept_somewhere():
     return any(len(v) > 1 for v in values.values())
 
 
+FINETUNE = any(finetune_methods(e) for e in EXPERIMENTS.values())
+CROSS_TASK = any(m.startswith("finetune_cross_task") for e in EXPERIMENTS.values()
+                 for m in e["methods"])
 FIGURES = [results(f"figures/fig{n}.pdf")
            for n in (*range(1, 7), *(range(7, 12) if LAYERWISE else ()), 12,
-                     *((13,) if _swept_somewhere() else ()), 14, *((15,) if FEDERATED else ()))]
+                     *((13,) if _swept_somewhere() else ()), 14, *((15,) if FEDERATED else ()),
+                     *((16, 17) if CROSS_TASK else ()), *((18,) if FINETUNE else ()))]
 ENV = "../../envs/lmcflow.yaml"
 
 
@@ -113,7 +119,7 @@ PACKAGE = os.path.join(workflow.basedir, "workflow", "lmcflow")
 
 # what every torch job imports through lmcflow.jobs
 TORCH_JOB = ("jobs", "logs", "config", "io", "data", "models", "resnet18", "vit", "training",
-             "seeds")
+             "seeds", "tasks")
 
 
 _DIGESTS = {}
@@ -227,26 +233,48 @@ def federated_files(filename):
             for p in range(e["pairs"])]
 
 
+def pair_data(wildcards):
+    """The data a pair is made and analysed on: the experiment's, or for a fine-tuning pair its
+    tasks' splits (one task, or two concatenated; lmcflow.tasks)."""
+    e = exp(wildcards)
+    if wildcards.method in FINETUNE_METHODS:
+        return {**e["data"],
+                "tasks": finetune.pair_tasks(e, wildcards.method, pair_index(wildcards.pair))}
+    return e["data"]
+
+
+def finetune_user_files(e, runs):
+    """Digests of the files a user brings among `runs` (run name -> file)."""
+    files = [finetune.user_file(e, run) for run in runs]
+    return {f: _file_digest(f) for f in files if f}
+
+
 def pair_params(wildcards):
     """What making a pair depends on beyond its runs: matching settings and data (for AM), and
     the model for endpoints a user brings (the workflow's own runs carry theirs)."""
     e = exp(wildcards)
     own = {"model": e["model"], "model_code": model_files(e), "runs": e["runs"],
            "files": endpoint_files(e)} if "runs" in e else {}
-    return canonical({"data": e["data"], "device": e["device"], "matching": e["matching"], **own})
+    if wildcards.method in FINETUNE_METHODS:
+        files = finetune_user_files(e, pair_runs(METHODS[wildcards.method], e,
+                                                 pair_index(wildcards.pair)))
+        if files:  # fine-tuned files the user brings: built as the configured model
+            own = {"model": e["model"], "model_code": model_files(e), "user_files": files}
+    return canonical({"data": pair_data(wildcards), "device": e["device"],
+                      "matching": e["matching"], **own})
 
 
 def analysis_params(wildcards):
     """What a pair's LMC, LLFC and mechanisms depend on beyond the pair."""
     e = exp(wildcards)
-    return canonical({"data": e["data"], "device": e["device"], "lmc": e["lmc"], "llfc": e["llfc"],
-                      "seed": e["seed"]})
+    return canonical({"data": pair_data(wildcards), "device": e["device"], "lmc": e["lmc"],
+                      "llfc": e["llfc"], "seed": e["seed"]})
 
 
 def layerwise_params(wildcards):
     e = exp(wildcards)
-    return canonical({"data": e["data"], "device": e["device"], "layerwise": e["layerwise"],
-                      "seed": e["seed"]})
+    return canonical({"data": pair_data(wildcards), "device": e["device"],
+                      "layerwise": e["layerwise"], "seed": e["seed"]})
 
 
 def get_layerwise_input(wildcards):
@@ -266,6 +294,107 @@ def get_make_pair_input(wildcards):
     if "runs" in e:
         return {"a": e["runs"]["a"], "b": e["runs"]["b"]}
     method = get_method(wildcards.method)
-    run_a, run_b = method.endpoints(e["seed"], pair_index(wildcards.pair))
+    runs = pair_runs(method, e, pair_index(wildcards.pair))
     root = results(wildcards.experiment)
-    return {"a": f"{root}/{method.path(run_a)}", "b": f"{root}/{method.path(run_b)}"}
+    return {k: finetune.user_file(e, run) or f"{root}/{method.path(run)}"
+            for k, run in zip(("a", "b"), runs)}
+
+
+# ------------------------------------------------------------------ fine-tuning (finetune.smk)
+
+
+def pretrain_params(wildcards):
+    """θ_0: a training run of the experiment's train setting on pretrain.task, seed S."""
+    e = exp(wildcards)
+    run = {"data": {**e["data"], "tasks": [e["pretrain"]["task"]]}, "model": e["model"],
+           "train": e["train"], "device": e["device"], "init_seed": e["seed"],
+           "noise_seed": e["seed"], "stop_epoch": e["train"]["epochs"]}
+    if model_files(e):
+        run["model_code"] = model_files(e)
+    return canonical(run)
+
+
+def pretrained_file(e, experiment):
+    """θ_0's file: the user's pretrain.checkpoint, or the pretraining run."""
+    return finetune.user_file(e, finetune.PRETRAIN_RUN) or \
+        results(f"{experiment}/runs/{finetune.PRETRAIN_RUN}/final.pt")
+
+
+def get_finetune_input(wildcards):
+    e = exp(wildcards)
+    return {"pretrained": pretrained_file(e, wildcards.experiment)} \
+        if wildcards.start == "pretrained" else {}
+
+
+def finetune_params(wildcards):
+    """A fine-tuning run: the task's data and train setting, from θ_0 or θ_0's initialisation
+    (init seed S), SGD noise derive_seed(S, 5, r)."""
+    e, task = exp(wildcards), wildcards.task
+    run = {"data": {**e["data"], "tasks": [task]}, "model": e["model"],
+           "train": finetune.task_train(e, task), "device": e["device"], "init_seed": e["seed"],
+           "noise_seed": finetune.noise_seed(e["seed"], int(wildcards.run)),
+           "stop_epoch": finetune.task_train(e, task)["epochs"], "start": wildcards.start}
+    if model_files(e):
+        run["model_code"] = model_files(e)
+    if wildcards.start == "pretrained":
+        run["pretrained_files"] = finetune_user_files(e, [finetune.PRETRAIN_RUN])
+    return canonical(run)
+
+
+def finetune_common(e):
+    """What the CTL, task-arithmetic and averaging analyses depend on beyond their runs."""
+    tasks = list(dict.fromkeys([e["pretrain"]["task"], *finetune.task_names(e)]))
+    return {"data": e["data"], "tasks": tasks, "model": e["model"], "device": e["device"],
+            "seed": e["seed"], "pretrain_task": e["pretrain"]["task"],
+            "finetune": {k: e["finetune"][k] for k in ("lambdas", "ctl")},
+            "lmc": {k: e["lmc"][k] for k in ("bn", "batch_size")},
+            "llfc": {k: e["llfc"][k] for k in ("probe_size", "batch_size")},
+            "model_code": model_files(e)}
+
+
+def get_finetune_pair_input(wildcards):
+    """The pair's endpoints and θ_0 (the pretrained file; the control rebuilds its start)."""
+    e = exp(wildcards)
+    pair = results(f"{wildcards.experiment}/pairs/{wildcards.method}/{wildcards.pair}")
+    files = {"a": f"{pair}/model_a.pt", "b": f"{pair}/model_b.pt", "info": f"{pair}/pair.json"}
+    if finetune.parse_method(wildcards.method)[1] == "pretrained":
+        files["base"] = pretrained_file(e, wildcards.experiment)
+    return files
+
+
+def finetune_pair_params(wildcards):
+    e = exp(wildcards)
+    kind, start = finetune.parse_method(wildcards.method)
+    tasks = finetune.pair_tasks(e, wildcards.method, pair_index(wildcards.pair))
+    files = finetune_user_files(e, [finetune.PRETRAIN_RUN]) if start == "pretrained" else {}
+    return canonical({**finetune_common(e), "start": start, "pair_tasks": tasks,
+                      "pretrained_files": files})
+
+
+def get_averaging_input(wildcards):
+    """Every fine-tuned run of the start's averaging groups (in the order of the params' runs)."""
+    e = exp(wildcards)
+    root = results(wildcards.experiment)
+    return {"runs": [finetune.user_file(e, run) or f"{root}/runs/{run}/final.pt"
+                     for run in averaging_runs(e, wildcards.start)]}
+
+
+def averaging_runs(e, start):
+    return list(dict.fromkeys(r for g in finetune.averaging_groups(e, start).values() for r in g))
+
+
+def averaging_params(wildcards):
+    e = exp(wildcards)
+    runs = averaging_runs(e, wildcards.start)
+    return canonical({**finetune_common(e), "start": wildcards.start, "runs": runs,
+                      "groups": finetune.averaging_groups(e, wildcards.start),
+                      "user_files": finetune_user_files(e, runs)})
+
+
+def finetune_tables(table):
+    """The per-pair (ctl, task_arithmetic) or per-experiment (averaging) files of a table."""
+    if table == "averaging":
+        return [results(f"{name}/finetune/averaging_{start}.parquet")
+                for name, e in EXPERIMENTS.items() for start in finetune.averaging_starts(e)]
+    return [results(f"{name}/pairs/{method}/{pair}/{table}.parquet") for name, method, pair in all_pairs()
+            if method.startswith("finetune_cross_task")]

@@ -18,6 +18,9 @@ TABLE_OF_FIGURE = {
     "fig13": "pair_summary",
     "fig14": "pair_summary",
     "fig15": "federated",
+    "fig16": "ctl",
+    "fig17": "task_arithmetic",
+    "fig18": "averaging",
 }
 
 

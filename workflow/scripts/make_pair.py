@@ -20,8 +20,16 @@ if "runs" in setting:  # files the user brings: always the configured model, nev
                    f"{setting['model']['arch']}, the model of experiment {experiment}",
                    f"{hints[key]}; or set {where}.model to the architecture the file holds")
         run["spec"] = spec
-else:  # the workflow's own runs, which carry their model spec
+else:  # the workflow's own runs, which carry their model spec, or fine-tuned files a user brings
     run_a, run_b = load_run(snakemake.input.a), load_run(snakemake.input.b)
+    for key, run in (("a", run_a), ("b", run_b)):
+        if "spec" not in run:  # a plain state dict (finetune.tasks.<task>.checkpoints)
+            spec = jobs.model_spec(jobs.load_dataset(**setting["data"]), setting["model"])
+            check_fits(run["model"], jobs.build(spec), snakemake.input[key],
+                       f"{setting['model']['arch']}, the model of experiment {experiment}",
+                       "point finetune.tasks.<task>.checkpoints at fine-tunings of the configured "
+                       "model, or set model to the architecture the file holds")
+            run["spec"] = spec
 method = get_method(snakemake.wildcards.method)
 state_b, extra = run_b["model"], {}
 if method.align is not None:
