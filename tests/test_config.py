@@ -234,7 +234,7 @@ def test_settings_that_go_with_a_swept_value():
 
 @pytest.mark.parametrize("sweep, key, words", [
     ({"model.widht": [1, 2]}, "experiments.r20.sweep.model.widht", ["unknown key", "did you mean width?"]),
-    ({"trian.lr": [0.1]}, "experiments.r20.sweep.trian.lr", ["unknown key", "did you mean train?"]),
+    ({"trian.lr": [0.1]}, "experiments.r20.sweep.trian.lr", ["unknown key", "did you mean train"]),
     ({"model.width": [1, -2]}, "experiments.r20.sweep.model.width", ["-2", "strictly above 0"]),
     ({"model.norm": ["ln", "lnn"]}, "experiments.r20.sweep.model.norm", ["'lnn'", "'ln'"]),
     ({"model.width": 4}, "experiments.r20.sweep.model.width", ["not a list of values"]),
