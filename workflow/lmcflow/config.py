@@ -305,6 +305,7 @@ class LmcSetting:
     bn: str = "reset"
     batch_size: int = 1000
     policies: tuple[str, ...] = ("interpolate", "reset", "repair")
+    repair_logits: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "policies", tuple(self.policies))

@@ -426,6 +426,12 @@ def build_model(arch: str, in_shape: tuple[int, int, int], num_classes: int, **a
     return model
 
 
+def _zeros(model: nn.Module, in_shape) -> Tensor:
+    """A batch of one zero input where the model's parameters lie."""
+    param = next(model.parameters(), None)
+    return torch.zeros(1, *in_shape, device=param.device if param is not None else "cpu")
+
+
 def call_counts(model: nn.Module, in_shape=None) -> dict[str, int]:
     """How often each module is called in one forward pass (on zeros of ``in_shape``, default
     ``model.in_shape``), in the order of their first call. A module called more than once (a
@@ -437,7 +443,7 @@ def call_counts(model: nn.Module, in_shape=None) -> dict[str, int]:
     training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *(in_shape or model.in_shape)))
+            model.eval()(_zeros(model, in_shape or model.in_shape))
     finally:
         for h in handles:
             h.remove()
@@ -452,6 +458,32 @@ def modules_called_once(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
             else None)
     return [name for name, m in model.named_modules()
             if isinstance(m, kinds) and (once is None or name in once)]
+
+
+def logits_module(model: nn.Module, in_shape=None) -> str:
+    """Name of the module whose output is the network's output (the logits): of the modules
+    that return the very tensor the model returns in a forward pass (on zeros of ``in_shape``,
+    default ``model.in_shape``), the leaf called last (``out``, ``fc``, ``head``...); ``""``
+    (the model itself) when no module returns it (the output is made by a function after the
+    last module). A model without ``in_shape`` falls back to its last leaf module that is a
+    Linear."""
+    shape = in_shape or getattr(model, "in_shape", None)
+    if shape is None:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        return linears[-1] if linears else ""
+    outputs: list[tuple[str, object]] = []
+    handles = [m.register_forward_hook(lambda _m, _i, out, n=name: outputs.append((n, out)))
+               for name, m in model.named_modules() if name and not any(True for _ in m.children())]
+    training = model.training
+    try:
+        with torch.no_grad():
+            result = model.eval()(_zeros(model, shape))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    names = [n for n, out in outputs if out is result]
+    return names[-1] if names else ""
 
 
 def default_feature_layers(model: nn.Module, in_shape=None) -> list[str]:

@@ -32,7 +32,7 @@ save_parquet(ids(lmc_table(jobs.build(spec, device), state_a, state_b, data, lmc
 
 bn = lmc.bn
 nets = pair_networks(lambda: jobs.build(spec, device), state_a, state_b, [1.0, 0.0, *llfc.alphas],
-                     data, bn, lmc.batch_size, device)
+                     data, bn, lmc.batch_size, device, repair_logits=lmc.repair_logits)
 a, b = nets[1.0], nets[0.0]
 networks = {"A": a, "B": b, **{alpha_network(alpha): nets[alpha] for alpha in llfc.alphas}}
 samples = probe_indices(len(data.test_y), llfc.probe_size, seed=setting["seed"])
