@@ -320,6 +320,7 @@ class LlfcSetting:
     alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
     probe_size: int = 500
     batch_size: int = 100
+    first_feature: str = "stem"
 
     def __post_init__(self):
         object.__setattr__(self, "alphas", tuple(self.alphas))

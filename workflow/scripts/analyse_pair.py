@@ -37,8 +37,8 @@ a, b = nets[1.0], nets[0.0]
 networks = {"A": a, "B": b, **{alpha_network(alpha): nets[alpha] for alpha in llfc.alphas}}
 samples = probe_indices(len(data.test_y), llfc.probe_size, seed=setting["seed"])
 
-write_features(out.features, networks, feature_layers(a), data.test_x, samples, data.normalize,
-               llfc.batch_size, device=device, log=log,
+write_features(out.features, networks, feature_layers(a, llfc.first_feature), data.test_x, samples,
+               data.normalize, llfc.batch_size, device=device, log=log,
                metadata={**dict(snakemake.wildcards.items()), "split": "test", "bn": bn})
 table = llfc_table(out.features)
 save_parquet(ids(table), out.llfc)
@@ -51,5 +51,6 @@ save_parquet(ids(weak_additivity(a, b, *probe, alphas=llfc.alphas, batch_size=ll
 com = commutativity(a, b, *probe, batch_size=llfc.batch_size, device=device)
 save_parquet(ids(com), out.commutativity)
 log("commutativity:\n" + com.to_string())
-stitched = stitching(a, b, data.test_x, data.test_y, data.normalize, lmc.batch_size, device, log=log)
+stitched = stitching(a, b, data.test_x, data.test_y, data.normalize, lmc.batch_size, device, log=log,
+                     first_feature=llfc.first_feature)
 save_parquet(ids(stitched, split="test"), out.stitching)
