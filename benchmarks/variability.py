@@ -47,7 +47,7 @@ def run_seed(config: dict, seed: int, workdir: Path, cores: str) -> Path:
 def hidden(layers: pd.Series) -> pd.Series:
     """Every layer but the first Linear/Conv (linear in the weights: 1 − cos_α = 0 there) and the
     logits."""
-    first = {"fc1", "features.conv1", "stem", "conv1"}
+    first = {"fc1", "features.conv1", "stem", "stem.conv", "conv1"}
     return ~layers.isin(first) & ~layers.isin({"out", "fc"})
 
 
