@@ -2,12 +2,12 @@
 pooled`) vs the last block output of each stage (`last`, as the REPAIR notebooks match a
 stream), on independently trained ResNet-20 pairs.
 
-    python benchmarks/residual_matching.py [--pairs 2] [--epochs 10] [--width 1] [--norm bn]
-                                           [--data mnist5k] [--keep DIR]
+    python benchmarks/residual_matching.py [--pairs 2] [--first-pair 0] [--epochs 10] [--width 1]
+                                           [--norm bn] [--data mnist5k] [--keep DIR] [--quick]
 
-Trains 2·pairs runs with the workflow's own training (`train` settings below, seeds 0, 1, …;
-`--keep` caches them), aligns B to A by activation matching both ways (and by weight matching,
-for reference), and prints per pair and method: the share of each stream's units that both
+Trains 2·pairs runs with the workflow's own training (`train` settings below; pair p is seeds
+2p and 2p + 1; `--keep` caches them), aligns B to A by activation matching both ways (and by
+weight matching, for reference; `--quick`: activation matching only, BN reset only), and prints per pair and method: the share of each stream's units that both
 ways assign alike, the mean matched correlation of the stream groups, and the loss and error
 at α = ½ and the barrier against the mean of the endpoints (test split) under every
 normalisation policy the model has (reset and REPAIR with BatchNorm; interpolate and REPAIR
@@ -55,6 +55,9 @@ def train(data, args, seed: int, keep: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--first-pair", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="activation matching pooled vs last only, one policy (reset / interpolate)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--width", type=float, default=1)
     parser.add_argument("--norm", default="bn", choices=["bn", "ln"])
@@ -70,8 +73,9 @@ def main() -> None:
     build = lambda: build_model("resnet20", data.shape, data.num_classes,  # noqa: E731
                                 width=args.width, norm=args.norm)
     policies = ["reset", "repair"] if has_batchnorm(build()) else ["interpolate", "repair"]
+    policies = policies[:1] if args.quick else policies
     rows, agree = [], []
-    for p in range(args.pairs):
+    for p in range(args.first_pair, args.first_pair + args.pairs):
         state_a, state_b = train(data, args, 2 * p, keep), train(data, args, 2 * p + 1, keep)
         model_a, model_b = build(), build()
         model_a.load_state_dict(state_a)
@@ -85,7 +89,8 @@ def main() -> None:
                 residual=residual)
             print(f"pair {p}: activation matching ({residual}) {time.perf_counter() - tic:.1f} s",
                   flush=True)
-        perms["weight_matching"], _ = weight_matching(spec, state_a, state_b)
+        if not args.quick:
+            perms["weight_matching"], _ = weight_matching(spec, state_a, state_b)
         streams = sorted(g for g in spec.features if len(spec.features[g]) > 1)
         for g in streams:
             same = float((perms["pooled"][g] == perms["last"][g]).double().mean())
@@ -93,7 +98,9 @@ def main() -> None:
                           "corr_pooled": infos["pooled"]["per_group"][g],
                           "corr_last": infos["last"]["per_group"][g]})
         methods = {"naive": None, "am_pooled": perms["pooled"], "am_last": perms["last"],
-                   "weight_matching": perms["weight_matching"]}
+                   "weight_matching": perms.get("weight_matching")}
+        if args.quick:
+            methods = {k: methods[k] for k in ("am_pooled", "am_last")}
         for method, perm in methods.items():
             b = state_b if perm is None else apply_permutation(spec, perm, state_b)
             for bn in policies:
