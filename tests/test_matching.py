@@ -17,7 +17,7 @@ from torch.func import functional_call
 from lmcflow.data import Data, load_dataset, sample_order
 from lmcflow.matching import (
     PermutationSpec, activation_matching, apply_permutation, identity_permutation,
-    invert_permutation, matching_objective, permutation_spec, random_permutation,
+    feature_modules, invert_permutation, matching_objective, permutation_spec, random_permutation,
     weight_matching,
 )
 from lmcflow.models import build_model
@@ -340,6 +340,24 @@ def random_images(shape, n=256, seed=0):
 @pytest.mark.parametrize("cost", ["correlation", "inner_product"])
 @pytest.mark.parametrize("arch,kwargs,in_shape", CASES, ids=IDS)
 def test_activation_matching_recovers_planted_permutation(arch, kwargs, in_shape, cost, mnist):
+    assert_planted_permutation_recovered(arch, kwargs, in_shape, cost, mnist, residual="pooled")
+
+
+RESIDUAL_CASES = [c for c in CASES if c[0] in ("resnet20", "resnet18") and c[1]["width"] in (0.25, 0.125)
+                  and c[1]["norm"] in ("bn", "none") and c[2][0] == 3]
+
+
+@pytest.mark.parametrize("arch,kwargs,in_shape", RESIDUAL_CASES,
+                         ids=[IDS[CASES.index(c)] for c in RESIDUAL_CASES])
+def test_activation_matching_of_the_last_block_per_stage_recovers_planted_permutation(
+        arch, kwargs, in_shape, mnist):
+    """matching.residual: last: each residual stream matched on its stage's last block output
+    only (as the REPAIR code) still recovers a planted permutation of every group."""
+    assert_planted_permutation_recovered(arch, kwargs, in_shape, "correlation", mnist,
+                                         residual="last")
+
+
+def assert_planted_permutation_recovered(arch, kwargs, in_shape, cost, mnist, residual):
     data = mnist if in_shape == (1, 28, 28) else random_images(in_shape)
     model_a = make_model(arch, kwargs, in_shape)
     spec = permutation_spec(model_a)
@@ -347,15 +365,17 @@ def test_activation_matching_recovers_planted_permutation(arch, kwargs, in_shape
     model_b = permuted_copy(model_a, spec, pi)
     model_b.train()  # activation matching must use eval mode and restore the mode afterwards
     perm, info = activation_matching(model_a, model_b, None if cost == "correlation" else spec,
-                                     data, num_batches=2, batch_size=48, cost=cost)
+                                     data, num_batches=2, batch_size=48, cost=cost,
+                                     residual=residual)
     assert model_b.training and not model_a.training
-    assert info["sweeps"] == 0 and info["samples"] == 96
+    assert info["sweeps"] == 0 and info["samples"] == 96 and info["residual"] == residual
     # Units are identifiable from their features unless they never fire (all zero) or have a
     # twin (another unit with correlation 1 for cost="correlation", or the same features for
     # "inner_product"); on identifiable units the planted permutation must come back exactly.
     x = data.normalize(data.train_x[sample_order(len(data.train_x), 0)[:96]])  # the images used
-    feats_a = group_features(model_a, spec, x)
-    feats_b = group_features(permuted_copy(model_b, spec, perm), spec, x)
+    modules = feature_modules(spec, residual)
+    feats_a = group_features(model_a, modules, x)
+    feats_b = group_features(permuted_copy(model_b, spec, perm), modules, x)
     ok_total = units = 0
     for g, p in perm.items():
         fa = feats_a[g].double()
@@ -386,13 +406,14 @@ def twins(feats, cost):
     return (same & ~torch.eye(n, dtype=torch.bool)).any(1) & (feats.abs().amax(0) > 0)
 
 
-def group_features(model, spec, x):
-    """group -> (observations, n) features of every module of the group, stacked."""
+def group_features(model, features, x):
+    """group -> (observations, n) features of every module of the group (``features``: group ->
+    modules), stacked."""
     modules = dict(model.named_modules())
-    out = {g: [] for g in spec.features}
+    out = {g: [] for g in features}
     hooks = [modules[m].register_forward_hook(
         lambda mod, i, o, g=g: out[g].append(o.detach().movedim(1, -1).reshape(-1, o.shape[1])))
-        for g, ms in spec.features.items() for m in ms]
+        for g, ms in features.items() for m in ms]
     with torch.no_grad():
         model.eval()(x)
     for h in hooks:
@@ -420,6 +441,34 @@ def test_activation_matching_pools_stream_features():
                                                               spec.sizes["P_res1"]), rel=1e-9)
     with pytest.raises(ValueError, match="cost"):
         activation_matching(model, model, spec, data, 1, 10, cost="cosine")
+
+
+def test_activation_matching_of_the_last_block_reads_only_each_streams_last_block():
+    """matching.residual: last: a residual stream's statistics are those of its stage's last
+    block output alone (the REPAIR code's choice); groups with one feature module are unchanged."""
+    model = make_model("resnet20", {"width": 0.25, "norm": "ln"}, (3, 8, 8))
+    spec = permutation_spec(model)
+    last = feature_modules(spec, "last")
+    assert {g: last[g] for g in ("P_res1", "P_res2", "P_res3")} == {
+        "P_res1": ("layer1.2",), "P_res2": ("layer2.2",), "P_res3": ("layer3.2",)}
+    assert spec.features["P_res1"] == ("stem", "layer1.0", "layer1.1", "layer1.2")
+    assert all(last[g] == spec.features[g] for g in spec.features if not g.startswith("P_res"))
+    assert feature_modules(spec, "pooled") == dict(spec.features)
+    data = random_images((3, 8, 8), n=10)
+    _, info = activation_matching(model, copy.deepcopy(model), spec, data, num_batches=1,
+                                  batch_size=10, cost="inner_product", residual="last")
+    for group, module in (("P_res1", "layer1.2"), ("P_res3", "layer3.2")):
+        feats = []
+        hook = dict(model.named_modules())[module].register_forward_hook(
+            lambda mod, i, o: feats.append(o.detach().double()))
+        with torch.no_grad():
+            model(data.normalize(data.train_x))
+        hook.remove()
+        obs = feats[0].permute(0, 2, 3, 1).reshape(-1, feats[0].shape[1])
+        assert info["per_group"][group] == pytest.approx(
+            float((obs * obs).sum() / spec.sizes[group]), rel=1e-9), group
+    with pytest.raises(ValueError, match="residual"):
+        activation_matching(model, model, spec, data, 1, 10, residual="first")
 
 
 # --- 5. independent networks ---------------------------------------------------------------------

@@ -64,6 +64,21 @@ def test_coef_c_exact_scale_and_formula(xy):
     assert torch.isnan(coef_c(z, y)[0]) and not torch.isnan(coef_c(z, y)[1:]).any()
 
 
+def test_the_official_llfc_coefficient_is_cos_squared_over_c(xy):
+    """The official code's coefficient <f_α, t>/‖t‖² (zzp1012/LLFC dissimilarity.py: the
+    least-squares k with k·t ≈ f_α) is exactly cos²⟨f_α, t⟩ / c for our c = <f_α, t>/‖f_α‖²
+    (c·k = <f_α, t>²/(‖f_α‖²‖t‖²) = cos²), so 1/c only where f_α ∥ t (README: LLFC)."""
+    f, noise = (v.double() for v in xy)
+    t = 0.8 * f + 0.3 * noise  # a target close to f, as under LLFC
+    official = (f * t).sum(1) / (t * t).sum(1)
+    c, cos = coef_c(f, t), cosine(f, t)
+    np.testing.assert_allclose(official.numpy(), (cos ** 2 / c).numpy(), rtol=1e-12)
+    assert (official - 1 / c).abs().min() > 1e-3  # not 1/c: cos < 1 here
+    parallel = 3 * t  # f_α ∥ t: cos = 1 and k = 1/c
+    k = (parallel * t).sum(1) / (t * t).sum(1)
+    np.testing.assert_allclose(k.numpy(), (1 / coef_c(parallel, t)).numpy(), rtol=1e-12)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
 def test_llfc_batch_exact_interpolation(xy, alpha):
     fa, fb = xy

@@ -288,3 +288,47 @@ def test_torchvision_and_python_models(tmp_path):
     assert feature_layers(net) == ["2"]
     with pytest.raises(ValueError, match="cannot take a batch"):
         build_model("python:mine:bad", (1, 4, 4), 3, path=str(tmp_path))
+
+
+@pytest.mark.parametrize("arch, kwargs, conv1", [("resnet20", {"width": 0.25, "norm": "bn"}, "stem.conv"),
+                                                 ("resnet18", {"width": 0.125, "norm": "bn"}, "conv1")])
+def test_first_feature_conv1_is_the_stem_conv_before_its_norm_as_the_official_llfc_code(
+        arch, kwargs, conv1):
+    """llfc.first_feature: conv1 reads a ResNet's stem conv output (before BatchNorm), as
+    zzp1012/LLFC's featuremap.py reads ``conv1``; the rest of the list is unchanged. Its output
+    is linear in the weights (no bias, before the norm), so θ_α's feature there is exactly the
+    interpolation of A's and B's: 1 − cos_α = 0 for any pair, unlike the stem's ReLU output."""
+    from lmcflow.features import capture
+    from lmcflow.interpolation import lerp_state
+    from lmcflow.metrics import llfc_batch
+
+    a = build_model(arch, (3, 32, 32), 10, **kwargs).eval()
+    stem = feature_layers(a)
+    assert feature_layers(a, "stem") == stem and stem[0] != conv1
+    first = feature_layers(a, "conv1")
+    assert first == [conv1, *stem[1:]]
+    assert isinstance(a.get_submodule(conv1), nn.Conv2d) and a.get_submodule(conv1).bias is None
+    for other in (build_model("mlp", (1, 28, 28), 10, width=8, depth=1),
+                  build_model("vgg", (3, 32, 32), 10, width=0.125)):
+        assert feature_layers(other, "conv1") == feature_layers(other)  # already a Linear/Conv
+    with pytest.raises(ValueError, match="first_feature"):
+        feature_layers(a, "conv")
+    torch.manual_seed(1)
+    b = build_model(arch, (3, 32, 32), 10, **kwargs).eval()
+    with torch.no_grad():  # B with other BN statistics, so that the stem's output differs more
+        for m in b.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+    mid = build_model(arch, (3, 32, 32), 10, **kwargs).eval()
+    mid.load_state_dict(lerp_state(a.state_dict(), b.state_dict(), 0.5))
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    feats = {}
+    for name, model in (("a", a), ("b", b), ("mid", mid)):
+        with torch.no_grad(), capture(model, [conv1, stem[0]]) as store:
+            model(x)
+        feats[name] = dict(store)
+    exact = llfc_batch(feats["a"][conv1], feats["b"][conv1], feats["mid"][conv1], 0.5)
+    assert exact["one_minus_cos_alpha"].abs().max() < 1e-12
+    assert exact["one_minus_cos_ab"].min() > 1e-3
+    relu = llfc_batch(feats["a"][stem[0]], feats["b"][stem[0]], feats["mid"][stem[0]], 0.5)
+    assert relu["one_minus_cos_alpha"].min() > 1e-6

@@ -90,3 +90,53 @@ def test_repair_lowers_the_midpoint_error_of_an_aligned_pair(data, arch, kw):
     endpoint = evaluate(a, data.test_x, data.test_y, data.normalize)[1]
     assert errors["repair"] < errors["interpolate"], errors
     assert errors["interpolate"] > endpoint + 0.01, (errors, endpoint)  # a barrier to repair
+
+
+@pytest.mark.parametrize("arch, kw", [("mlp", {"width": 32, "depth": 2}),
+                                      ("resnet20", {"width": 0.25, "norm": "bn"})])
+def test_repaired_logits_have_the_interpolated_statistics_of_the_endpoints_logits(data, arch, kw):
+    """lmc.repair_logits: the logits are one more repaired unit per class. Over the data the
+    statistics are measured on (one batch here, so batch and fixed statistics agree), θ_α's
+    logits then have α·μ_A + (1−α)·μ_B and α·σ_A + (1−α)·σ_B per class; without the option
+    they keep their own (collapsed) statistics. The hook sits on the logits module, so a feature
+    hook on it (LLFC, stitching) reads the repaired logits."""
+    from lmcflow.features import capture
+    from lmcflow.models import logits_module
+    from lmcflow.repair import LOGITS
+
+    x = data.train_x[:500]
+    n = len(x)
+    a, b = net(arch, 0, **kw), net(arch, 1, **kw)
+    stats_a, stats_b = (unit_statistics(m, x, data.normalize, n, logits=True) for m in (a, b))
+    assert LOGITS in stats_a and LOGITS not in unit_statistics(a, x, data.normalize, n)
+    alpha = 0.3
+    mean = alpha * stats_a[LOGITS][0] + (1 - alpha) * stats_b[LOGITS][0]
+    std = alpha * stats_a[LOGITS][1] + (1 - alpha) * stats_b[LOGITS][1]
+    observed = {}
+    for logits in (False, True):
+        model = net(arch, 2, **kw)
+        model.load_state_dict(lerp_state(a.state_dict(), b.state_dict(), alpha))
+        repair(model, stats_a, stats_b, alpha, x, data.normalize, n, logits=logits)
+        with torch.no_grad(), capture(model, [logits_module(model)]) as store:
+            out = model(data.normalize(x)).double()
+        torch.testing.assert_close(store[logits_module(model)].double(), out)  # hooks see them
+        observed[logits] = out.mean(0), out.std(0)
+    eps = 1e-5  # the rescaling divides by sqrt(var + eps)
+    torch.testing.assert_close(observed[True][0], mean, rtol=1e-5, atol=1e-5 * float(std.mean()))
+    torch.testing.assert_close(observed[True][1], std, rtol=eps / float(std.min()) ** 2 + 1e-5,
+                               atol=1e-6)
+    assert not torch.allclose(observed[False][1], std, rtol=0.05)
+    assert not torch.allclose(observed[False][0], mean, rtol=0.05, atol=0.05 * float(std.mean()))
+    with pytest.raises(KeyError, match="logits"):  # endpoint statistics without the logits
+        repair(model, *(unit_statistics(m, x, data.normalize, n) for m in (a, b)), alpha, x,
+               data.normalize, n, logits=True)
+
+
+def test_a_self_pair_with_repaired_logits_is_the_endpoint_on_the_whole_path(data):
+    """A = B: under REPAIR with logits every θ_α (and A, B) is the same network, so the LMC
+    curve is flat and every barrier exactly 0."""
+    a = net("resnet20", 0, width=0.25, norm="bn")
+    curve = lmc_curve(copy.deepcopy(a), a.state_dict(), a.state_dict(), data, [0.0, 0.5, 1.0],
+                      bn="repair", batch_size=500, log=lambda _: None, repair_logits=True)
+    for _, rows in curve.groupby("split"):
+        assert rows["loss"].nunique() == 1 and rows["error"].nunique() == 1, rows

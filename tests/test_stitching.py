@@ -39,6 +39,20 @@ def test_stitch_points_skip_activations_and_the_logits():
     assert stitch_points(net("mlp", 0, width=8, depth=2)) == ["fc1", "fc2"]
     assert stitch_points(net("lenet", 0)) == ["conv1", "conv2", "fc1", "fc2"]
     assert stitch_points(net("resnet20", 0, width=0.25))[:2] == ["stem", "layer1.0"]
+    # llfc.first_feature: conv1, the official LLFC code's first stitch point of a ResNet
+    assert stitch_points(net("resnet20", 0, width=0.25), "conv1")[:2] == ["stem.conv", "layer1.0"]
+    assert stitch_points(net("mlp", 0, width=8, depth=2), "conv1") == ["fc1", "fc2"]
+
+
+def test_a_network_stitched_into_itself_at_its_stem_conv_is_itself(data):
+    """first_feature conv1: stitching the stem conv's output (before BatchNorm) of a network into
+    itself changes nothing, and the conv1 rows replace the stem rows."""
+    a = net("resnet20", 0, width=0.25, norm="bn")
+    table = stitching(a, copy.deepcopy(a), data.test_x, data.test_y, data.normalize, 500,
+                      log=lambda _: None, first_feature="conv1")
+    loss, error = evaluate(a, data.test_x, data.test_y, data.normalize, 500)
+    assert "stem.conv" in set(table.layer) and "stem" not in set(table.layer)
+    assert (table["loss"] == loss).all() and (table["error"] == error).all()
 
 
 def test_a_spawned_pair_stitches_with_a_small_error_increase_and_a_naive_pair_does_not(data):

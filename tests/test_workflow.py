@@ -430,7 +430,8 @@ def test_paper_configs_dry_run_on_their_own(tmp_path, config):
 
 def _smoke_config(config_file: Path, data_dir: Path) -> dict:
     """A paper config shrunk to one batch of one epoch on the fixture data: same experiments,
-    models (the smallest width of a sweep), methods and analyses."""
+    models (the smallest width of a sweep), methods, analyses and the papers' options
+    (lmc.bn and policies, llfc.first_feature, matching.residual)."""
     experiments = load_yaml(config_file)["experiments"]  # sweeps expanded
     widths = [e["model"].get("width", 1) for e in experiments.values()]
     small = {}
@@ -439,8 +440,9 @@ def _smoke_config(config_file: Path, data_dir: Path) -> dict:
             continue
         e["data"] = {"name": e["data"]["name"], "data_dir": str(data_dir), "download": False}
         e["train"].update(epochs=1, batch_size=128, milestones=[1], checkpoint_epochs=[0])
-        e.update(spawn_epoch=0, threads=1, device="cpu", matching={"batches": 1, "batch_size": 32})
-        e["llfc"] = {"probe_size": 8, "batch_size": 8}
+        e.update(spawn_epoch=0, threads=1, device="cpu",
+                 matching={**e.get("matching", {}), "batches": 1, "batch_size": 32})
+        e["llfc"] = {**e.get("llfc", {}), "probe_size": 8, "batch_size": 8}  # first_feature kept
         if "federated" in e:  # one round of two clients (8 images of a class in the fixture)
             e["federated"].update(clients=2, local_epochs=1, keep_rounds=[0], min_shard=1)
         if "finetune" in e:  # two fine-tunings of each task, one epoch, one pair per method

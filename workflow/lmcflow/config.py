@@ -569,6 +569,7 @@ class LmcSetting:
     bn: str = "reset"
     batch_size: int = 1000
     policies: tuple[str, ...] = ("interpolate", "reset", "repair")
+    repair_logits: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "policies", tuple(self.policies))
@@ -584,6 +585,7 @@ class LlfcSetting:
     probe_size: int = 500
     batch_size: int = 100
     stored_samples: int = 500
+    first_feature: str = "stem"
 
     def __post_init__(self):
         object.__setattr__(self, "alphas", tuple(self.alphas))

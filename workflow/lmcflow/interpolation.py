@@ -8,7 +8,7 @@ After interpolation, BatchNorm running statistics no longer describe the network
   batch mixes the classes);
 - "repair": the reset, then REPAIR (`lmcflow.repair`): every unit's pre-activation rescaled to
   the interpolated mean and std of the endpoints' units; for networks with or without
-  normalisation layers.
+  normalisation layers. ``repair_logits`` rescales the logits (per class) as well.
 `num_batches_tracked` is never interpolated (A's value is kept).
 
 One function, :func:`load_interpolated`, puts any network that is compared into its final
@@ -69,26 +69,31 @@ def reset_bn(model: nn.Module, x: torch.Tensor, normalize: Callable, batch_size:
 
 
 def endpoint_statistics(model: nn.Module, state_a: dict, state_b: dict, data: Data,
-                        batch_size: int = 1000, device="cpu") -> tuple[Stats, Stats]:
-    """REPAIR's unit statistics of A and of B (each with its BN statistics reset), measured on a
-    copy of `model` so that `model` is left as it is."""
+                        batch_size: int = 1000, device="cpu", logits: bool = False
+                        ) -> tuple[Stats, Stats]:
+    """REPAIR's unit statistics of A and of B (each with its BN statistics reset; with
+    ``logits``, of the logits too), measured on a copy of `model` so that `model` is left as it
+    is."""
     scratch = copy.deepcopy(model)
     remove_repair(scratch)
     stats = []
     for state in (state_a, state_b):
         scratch.load_state_dict(state)
         reset_bn(scratch, data.train_x, data.normalize, batch_size, device)
-        stats.append(unit_statistics(scratch, data.train_x, data.normalize, batch_size, device))
+        stats.append(unit_statistics(scratch, data.train_x, data.normalize, batch_size, device,
+                                     logits=logits))
     return stats[0], stats[1]
 
 
 def load_interpolated(model: nn.Module, state_a: dict, state_b: dict, alpha: float, data: Data,
                       bn: str, batch_size: int = 1000, device="cpu",
-                      stats: tuple[Stats, Stats] | None = None) -> nn.Module:
+                      stats: tuple[Stats, Stats] | None = None,
+                      repair_logits: bool = False) -> nn.Module:
     """Put θ_α into `model` (in place) under the normalisation policy `bn` and return it in eval
     mode. α = 1 gives A and α = 0 gives B under the same policy: every analysis that compares
     networks gets all of them here. With bn="repair", `stats` are the endpoints' statistics
-    (:func:`endpoint_statistics`; computed here if not given)."""
+    (:func:`endpoint_statistics`, with ``logits=repair_logits``; computed here if not given)
+    and ``repair_logits`` repairs the logits too."""
     if bn not in BN_POLICIES:
         raise ValueError(f"bn must be one of {BN_POLICIES}, got {bn!r}")
     remove_repair(model)
@@ -96,31 +101,36 @@ def load_interpolated(model: nn.Module, state_a: dict, state_b: dict, alpha: flo
     if bn in ("reset", "repair"):
         reset_bn(model, data.train_x, data.normalize, batch_size, device)
     if bn == "repair":
-        stats = stats or endpoint_statistics(model, state_a, state_b, data, batch_size, device)
-        repair(model, *stats, alpha, data.train_x, data.normalize, batch_size, device)
+        stats = stats or endpoint_statistics(model, state_a, state_b, data, batch_size, device,
+                                             logits=repair_logits)
+        repair(model, *stats, alpha, data.train_x, data.normalize, batch_size, device,
+               logits=repair_logits)
     return model.eval()
 
 
 def pair_networks(build: Callable[[], nn.Module], state_a: dict, state_b: dict, alphas, data: Data,
-                  bn: str, batch_size: int = 1000, device="cpu") -> dict[float, nn.Module]:
+                  bn: str, batch_size: int = 1000, device="cpu", repair_logits: bool = False
+                  ) -> dict[float, nn.Module]:
     """α -> θ_α for every α in `alphas`, each a fresh `build()` under the policy `bn` (include 1
     and 0 for A and B)."""
     first = build()
-    stats = (endpoint_statistics(first, state_a, state_b, data, batch_size, device)
+    stats = (endpoint_statistics(first, state_a, state_b, data, batch_size, device, repair_logits)
              if bn == "repair" else None)
     return {float(a): load_interpolated(first if i == 0 else build(), state_a, state_b, float(a),
-                                        data, bn, batch_size, device, stats)
+                                        data, bn, batch_size, device, stats, repair_logits)
             for i, a in enumerate(alphas)}
 
 
 def lmc_curve(model: nn.Module, state_a: dict, state_b: dict, data: Data, alphas: list[float],
-              bn: str = "reset", batch_size: int = 1000, device="cpu", log=print) -> pd.DataFrame:
+              bn: str = "reset", batch_size: int = 1000, device="cpu", log=print,
+              repair_logits: bool = False) -> pd.DataFrame:
     """Loss and error of θ_α on the train and test splits for every α: one row per (α, split)."""
     rows = []
-    stats = (endpoint_statistics(model, state_a, state_b, data, batch_size, device)
+    stats = (endpoint_statistics(model, state_a, state_b, data, batch_size, device, repair_logits)
              if bn == "repair" else None)
     for alpha in alphas:
-        load_interpolated(model, state_a, state_b, alpha, data, bn, batch_size, device, stats)
+        load_interpolated(model, state_a, state_b, alpha, data, bn, batch_size, device, stats,
+                          repair_logits)
         for split in ("train", "test"):
             x, y = data.split(split)
             loss, error = evaluate(model, x, y, data.normalize, batch_size, device)
@@ -143,6 +153,7 @@ def lmc_table(model: nn.Module, state_a: dict, state_b: dict, data: Data, settin
     for bn in dict.fromkeys(name[p] for p in (setting.bn, *setting.policies)):
         curve = lmc_curve(model, state_a, state_b, data, setting.alphas,
                           bn="interpolate" if bn == "none" else bn,
-                          batch_size=setting.batch_size, device=device, log=log)
+                          batch_size=setting.batch_size, device=device, log=log,
+                          repair_logits=setting.repair_logits)
         curves.append(curve.assign(bn=bn, configured=bn == name[setting.bn]))
     return pd.concat(curves, ignore_index=True)

@@ -46,7 +46,8 @@ __all__ = [
     "PermutationSpec", "SpecBuilder", "permutation_spec", "mlp_spec", "lenet_spec", "vgg_spec",
     "resnet20_spec", "resnet18_spec",
     "SPEC_BUILDERS", "apply_permutation", "identity_permutation", "random_permutation",
-    "invert_permutation", "weight_matching", "activation_matching", "matching_objective",
+    "invert_permutation", "weight_matching", "activation_matching", "feature_modules",
+    "matching_objective",
 ]
 
 # Buffers that are permuted with their channels but carry no signal for weight matching.
@@ -797,19 +798,36 @@ def _as_observations(feats: Tensor, n: int, dim: int = 1) -> Tensor:
     return feats.reshape(batch, n, -1).transpose(1, 2).reshape(-1, n)
 
 
+RESIDUAL_MODES = ("pooled", "last")
+
+
+def feature_modules(spec: PermutationSpec, residual: str = "pooled") -> dict[str, tuple[str, ...]]:
+    """group -> the modules whose outputs activation matching compares. ``"pooled"``: every
+    module of ``spec.features`` (a residual stream's stem and block outputs all count, as extra
+    observations); ``"last"``: of a group with several modules (a residual stream) only the last
+    one, in forward order (the spec lists them so): for a ResNet the output of each stage's last
+    block, as the REPAIR code matches a stream."""
+    if residual not in RESIDUAL_MODES:
+        raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {residual!r}")
+    if residual == "last":
+        return {g: ms[-1:] for g, ms in spec.features.items()}
+    return dict(spec.features)
+
+
 @torch.no_grad()
 def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None,
                         data, num_batches: int, batch_size: int, cost: str = "correlation",
-                        device="cpu", log: Callable[[str], None] | None = None, seed: int = 0
-                        ) -> tuple[dict[str, Tensor], dict]:
+                        device="cpu", log: Callable[[str], None] | None = None, seed: int = 0,
+                        residual: str = "pooled") -> tuple[dict[str, Tensor], dict]:
     """Match every group's units by the similarity of their activations on training data.
 
     Both models run in eval mode (BN with running stats) on ``num_batches * batch_size``
     training images taken in the seeded shuffled order ``data.sample_order(n, seed)`` (stored
     datasets may be sorted by class), normalized with ``data.normalize``. The outputs of the
     modules in ``spec.features[group]`` (post-ReLU features; conv maps count every spatial
-    position as an observation, token tensors every token, several modules of a group count as
-    extra observations) are accumulated in one streaming float64 pass (sums, sums of squares,
+    position as an observation, token tensors every token; with ``residual="pooled"`` several
+    modules of a group count as extra observations, with ``"last"`` only the group's last module
+    is read, see :func:`feature_modules`) are accumulated in one streaming float64 pass (sums, sums of squares,
     cross products). Each group is then one linear assignment maximising the Pearson
     correlation (``cost="correlation"``) or the inner product (``"inner_product"``) between A's
     unit i and B's unit perm[i]. A group without feature modules (a traced spec's attention
@@ -823,7 +841,8 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
     if cost not in ("correlation", "inner_product"):
         raise ValueError(f"cost must be 'correlation' or 'inner_product', got {cost!r}")
     spec = permutation_spec(model_a) if spec is None else spec
-    unmatched = sorted(set(spec.groups) - set(spec.features))
+    features = feature_modules(spec, residual)
+    unmatched = sorted(set(spec.groups) - set(features))
     if unmatched and log:
         log(f"activation matching: no feature modules for {unmatched}; they keep the identity")
     if len(unmatched) == len(spec.groups):
@@ -836,7 +855,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
     model_a.to(device).eval()
     model_b.to(device).eval()
     names = sorted(set(spec.groups) - set(unmatched))
-    layers = sorted({m for g in names for m in spec.features[g]})
+    layers = sorted({m for g in names for m in features[g]})
     moments = {g: _Moments(spec.sizes[g], device) for g in names}
     try:
         with capture(model_a, layers) as store_a, capture(model_b, layers) as store_b:
@@ -846,7 +865,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
                 model_b(x)
                 for g in names:
                     n = spec.sizes[g]
-                    for module in spec.features[g]:
+                    for module in features[g]:
                         dim = spec.feature_dims.get(module, 1)
                         moments[g].update(_as_observations(store_a[module], n, dim),
                                           _as_observations(store_b[module], n, dim))
@@ -866,7 +885,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
         units += len(cols)
     perm |= {g: torch.arange(spec.sizes[g]) for g in unmatched}
     info = {"objective": total / units, "sweeps": 0, "per_group": per_group,
-            "samples": int(len(x_all)), "unmatched": unmatched}
+            "samples": int(len(x_all)), "unmatched": unmatched, "residual": residual}
     if log:
         log(f"activation matching ({cost}): mean matched {info['objective']:.6g}")
     return perm, info

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 __all__ = ["MLP", "LeNet", "VGG", "ResNet20", "ChannelLayerNorm", "MODELS", "EXTERNAL", "model_class",
            "external_factory", "build_model", "call_counts", "modules_called_once",
-           "default_feature_layers",
+           "default_feature_layers", "logits_module", "FIRST_FEATURES",
            "feature_layers", "has_batchnorm"]
 
 
@@ -292,9 +292,12 @@ class ResNet20(nn.Module):
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))  # (B, 64w, H/4, W/4)
         return self.fc(self.flatten(self.pool(x)))  # (B, num_classes)
 
-    def feature_layers(self) -> list[str]:
-        """Stem output, every residual block output (after its final ReLU), then the logits."""
-        return ["stem"] + [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)] + ["fc"]
+    def feature_layers(self, first_feature: str = "stem") -> list[str]:
+        """Stem output (after its ReLU; with ``first_feature="conv1"`` the stem's conv output,
+        before its norm, as the official LLFC code reads a ResNet), every residual block output
+        (after its final ReLU), then the logits."""
+        first = {"stem": "stem", "conv1": "stem.conv"}[_first_feature(first_feature)]
+        return [first] + [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)] + ["fc"]
 
 
 # arch -> class, or "module:Class" for models kept in their own module (loaded on use)
@@ -426,6 +429,12 @@ def build_model(arch: str, in_shape: tuple[int, int, int], num_classes: int, **a
     return model
 
 
+def _zeros(model: nn.Module, in_shape) -> Tensor:
+    """A batch of one zero input where the model's parameters lie."""
+    param = next(model.parameters(), None)
+    return torch.zeros(1, *in_shape, device=param.device if param is not None else "cpu")
+
+
 def call_counts(model: nn.Module, in_shape=None) -> dict[str, int]:
     """How often each module is called in one forward pass (on zeros of ``in_shape``, default
     ``model.in_shape``), in the order of their first call. A module called more than once (a
@@ -437,7 +446,7 @@ def call_counts(model: nn.Module, in_shape=None) -> dict[str, int]:
     training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *(in_shape or model.in_shape)))
+            model.eval()(_zeros(model, in_shape or model.in_shape))
     finally:
         for h in handles:
             h.remove()
@@ -454,6 +463,32 @@ def modules_called_once(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
             if isinstance(m, kinds) and (once is None or name in once)]
 
 
+def logits_module(model: nn.Module, in_shape=None) -> str:
+    """Name of the module whose output is the network's output (the logits): of the modules
+    that return the very tensor the model returns in a forward pass (on zeros of ``in_shape``,
+    default ``model.in_shape``), the leaf called last (``out``, ``fc``, ``head``...); ``""``
+    (the model itself) when no module returns it (the output is made by a function after the
+    last module). A model without ``in_shape`` falls back to its last leaf module that is a
+    Linear."""
+    shape = in_shape or getattr(model, "in_shape", None)
+    if shape is None:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        return linears[-1] if linears else ""
+    outputs: list[tuple[str, object]] = []
+    handles = [m.register_forward_hook(lambda _m, _i, out, n=name: outputs.append((n, out)))
+               for name, m in model.named_modules() if name and not any(True for _ in m.children())]
+    training = model.training
+    try:
+        with torch.no_grad():
+            result = model.eval()(_zeros(model, shape))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    names = [n for n, out in outputs if out is result]
+    return names[-1] if names else ""
+
+
 def default_feature_layers(model: nn.Module, in_shape=None) -> list[str]:
     """Every Linear/Conv module (leaves) called exactly once, in the order of the forward pass:
     the feature layers of a model that does not name its own (the last is usually the logits)."""
@@ -463,12 +498,29 @@ def default_feature_layers(model: nn.Module, in_shape=None) -> list[str]:
             if c == 1 and isinstance(modules[n], kinds)]
 
 
-def feature_layers(model: nn.Module) -> list[str]:
+FIRST_FEATURES = ("stem", "conv1")
+
+
+def _first_feature(value: str) -> str:
+    if value not in FIRST_FEATURES:
+        raise ValueError(f"first_feature must be one of {FIRST_FEATURES}, got {value!r}")
+    return value
+
+
+def feature_layers(model: nn.Module, first_feature: str = "stem") -> list[str]:
     """Module names whose outputs are the layer features, in forward order: those the config
-    names, else the model's own ``feature_layers()``, else :func:`default_feature_layers`."""
+    names, else the model's own ``feature_layers()``, else :func:`default_feature_layers`.
+
+    ``first_feature`` ("stem" or "conv1", `llfc.first_feature`) is the first feature of a
+    built-in ResNet: its stem after the ReLU, or the stem's conv before the norm (the official
+    LLFC code's ``conv1``); the other models' first feature already is their first Linear/Conv
+    output, and a list the config names is used as it is."""
+    _first_feature(first_feature)
     if getattr(model, "lmcflow_feature_layers", None):
         return list(model.lmcflow_feature_layers)
     if hasattr(model, "feature_layers"):
+        if "first_feature" in inspect.signature(model.feature_layers).parameters:
+            return model.feature_layers(first_feature=first_feature)
         return model.feature_layers()
     return default_feature_layers(model)
 

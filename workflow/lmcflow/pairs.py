@@ -99,7 +99,7 @@ def activation_matching_align(run_a, run_b, setting, device="cpu", log=print):
     m, data = setting["matching"], jobs.load_dataset(**setting["data"]).to(device)
     return _permuted(run_a, run_b, setting, device, log, lambda spec, a, b: activation_matching(
         a, b, spec, data, num_batches=m["batches"], batch_size=m["batch_size"], cost=m["cost"],
-        device=device, log=log, seed=m["seed"]))
+        device=device, log=log, seed=m["seed"], residual=m["residual"]))
 
 
 METHODS: dict[str, Method] = {

@@ -65,6 +65,11 @@ class ResNet18(resnet.ResNet):
             self.inplanes, self._stem_set = self._channels(64), True
         return super()._make_layer(block, self._channels(planes), blocks, stride, dilate)
 
-    def feature_layers(self) -> list[str]:
-        """Stem output (after its ReLU), every residual block output, then the logits."""
-        return ["relu"] + [f"layer{i}.{j}" for i in (1, 2, 3, 4) for j in (0, 1)] + ["fc"]
+    def feature_layers(self, first_feature: str = "stem") -> list[str]:
+        """Stem output (after its ReLU; with ``first_feature="conv1"`` the stem conv ``conv1``,
+        before its norm, as the official LLFC code reads a ResNet), every residual block output,
+        then the logits."""
+        from .models import _first_feature
+
+        first = {"stem": "relu", "conv1": "conv1"}[_first_feature(first_feature)]
+        return [first] + [f"layer{i}.{j}" for i in (1, 2, 3, 4) for j in (0, 1)] + ["fc"]

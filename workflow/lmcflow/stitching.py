@@ -9,7 +9,8 @@ hook that returns A's output of the module in place of B's.
 Stitch points: the model's feature layers (`models.feature_layers`) except activation modules
 (stitching a ReLU's output equals stitching its input) and the logits (stitching there is just
 the other network): Linear/Conv outputs of MLP, LeNet and VGG, stem and block outputs of the
-ResNets.
+ResNets (with ``first_feature="conv1"`` the stem's conv output before its norm, as the official
+code's ``conv1``, instead of the stem's output after its ReLU).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from .models import feature_layers
 NONE = "(none)"  # the `layer` of the rows that evaluate a network on its own
 
 
-def stitch_points(model: nn.Module) -> list[str]:
+def stitch_points(model: nn.Module, first_feature: str = "stem") -> list[str]:
+    """The feature layers (`models.feature_layers` with ``first_feature``) but activation
+    modules and the logits."""
     modules = dict(model.named_modules())
-    layers = feature_layers(model)[:-1]
+    layers = feature_layers(model, first_feature)[:-1]
     return [n for n in layers if not isinstance(modules[n], (nn.ReLU, nn.GELU))]
 
 
@@ -65,8 +68,8 @@ def _stitched(model: nn.Module, layer: str, feature: Tensor, x: Tensor) -> Tenso
 
 @torch.no_grad()
 def stitching(model_a: nn.Module, model_b: nn.Module, x: Tensor, y: Tensor, normalize: Callable,
-              batch_size: int = 1000, device="cpu", log: Callable[[str], None] = print
-              ) -> pd.DataFrame:
+              batch_size: int = 1000, device="cpu", log: Callable[[str], None] = print,
+              first_feature: str = "stem") -> pd.DataFrame:
     """Loss and error of every stitched network on (x, y), and of A and B on their own.
 
     Rows: for each stitch point ℓ (``layer``, ``layer_index`` in forward order) and
@@ -74,12 +77,12 @@ def stitching(model_a: nn.Module, model_b: nn.Module, x: Tensor, y: Tensor, norm
     network's ("into b" = A's feature fed into the rest of B); and rows with layer "(none)",
     layer_index −1: A (into a) and B (into b) themselves. Columns: layer, layer_index, into,
     loss (mean cross-entropy), error (fraction). Both models in eval mode, as given (apply the
-    pair's BatchNorm policy before).
+    pair's BatchNorm policy before). ``first_feature``: see :func:`stitch_points`.
     """
     model_a.eval(), model_b.eval()
     nets = {"a": model_a, "b": model_b}
     other = {"a": model_b, "b": model_a}
-    points = stitch_points(model_a)
+    points = stitch_points(model_a, first_feature)
     keys = [(NONE, -1, into) for into in nets] + [(layer, i, into) for i, layer in enumerate(points)
                                                   for into in nets]
     # sums stay on the device until the end: one sync per table, not two per batch and key

@@ -33,14 +33,14 @@ save_parquet(ids(lmc_table(jobs.build(spec, device), state_a, state_b, data, lmc
 
 bn = lmc.bn
 nets = pair_networks(lambda: jobs.build(spec, device), state_a, state_b, [1.0, 0.0, *llfc.alphas],
-                     data, bn, lmc.batch_size, device)
+                     data, bn, lmc.batch_size, device, repair_logits=lmc.repair_logits)
 a, b = nets[1.0], nets[0.0]
 networks = {"A": a, "B": b, **{alpha_network(alpha): nets[alpha] for alpha in llfc.alphas}}
 samples = probe_indices(len(data.test_y), llfc.probe_size, seed=setting["seed"])
 
 # one pass over the probe: LLFC of every sample computed as the features stream by, the
 # features of a subset (llfc.stored_samples) kept in features.parquet
-layers = feature_layers(a)
+layers = feature_layers(a, llfc.first_feature)
 rows = LlfcRows(layers, llfc.alphas)
 write_features(out.features, networks, layers, data.test_x, samples, data.normalize,
                llfc.batch_size, device=device, log=log, on_batch=rows,
@@ -57,5 +57,6 @@ save_parquet(ids(weak_additivity(a, b, *probe, alphas=llfc.alphas, batch_size=ll
 com = commutativity(a, b, *probe, batch_size=llfc.batch_size, device=device)
 save_parquet(ids(com), out.commutativity)
 log("commutativity:\n" + com.to_string())
-stitched = stitching(a, b, data.test_x, data.test_y, data.normalize, lmc.batch_size, device, log=log)
+stitched = stitching(a, b, data.test_x, data.test_y, data.normalize, lmc.batch_size, device, log=log,
+                     first_feature=llfc.first_feature)
 save_parquet(ids(stitched, split="test"), out.stitching)
