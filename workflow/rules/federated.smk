@@ -36,7 +36,8 @@ rule federated_table:
     input:
         tables=federated_files("rounds.parquet"),
     params:
-        code=code("logs", "io", "report", "barriers"),  # the table rule's: torch-free
+        code=code("logs", "io", "report", "barriers", "summary"),  # the table rule's: torch-free
+        sweeps=SWEEP_POINTS,  # the family and sweep columns every table has
     output:
         parquet=results("tables/federated.parquet"),
         html=report(results("tables/federated.html"), caption="../report/table.rst",
