@@ -131,12 +131,3 @@ def test_repaired_logits_have_the_interpolated_statistics_of_the_endpoints_logit
         repair(model, *(unit_statistics(m, x, data.normalize, n) for m in (a, b)), alpha, x,
                data.normalize, n, logits=True)
 
-
-def test_a_self_pair_with_repaired_logits_is_the_endpoint_on_the_whole_path(data):
-    """A = B: under REPAIR with logits every θ_α (and A, B) is the same network, so the LMC
-    curve is flat and every barrier exactly 0."""
-    a = net("resnet20", 0, width=0.25, norm="bn")
-    curve = lmc_curve(copy.deepcopy(a), a.state_dict(), a.state_dict(), data, [0.0, 0.5, 1.0],
-                      bn="repair", batch_size=500, log=lambda _: None, repair_logits=True)
-    for _, rows in curve.groupby("split"):
-        assert rows["loss"].nunique() == 1 and rows["error"].nunique() == 1, rows

@@ -887,5 +887,6 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
     info = {"objective": total / units, "sweeps": 0, "per_group": per_group,
             "samples": int(len(x_all)), "unmatched": unmatched, "residual": residual}
     if log:
-        log(f"activation matching ({cost}): mean matched {info['objective']:.6g}")
+        log(f"activation matching ({cost}, residual streams {residual}): mean matched "
+            f"{info['objective']:.6g}")
     return perm, info
