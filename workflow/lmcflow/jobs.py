@@ -22,15 +22,26 @@ from .tasks import load_task_data as load_dataset  # a data spec may name tasks 
 from .training import resolve_device
 
 
-def start(snakemake, device: str = "auto", append: bool = False) -> tuple:
-    """`logs.start` (the job's log, its exception, CPU accounting; `append` keeps an earlier
-    attempt's lines) plus torch's threads (the rule's `threads`) and the device; return (log,
+def start(snakemake, device: str = "auto", attempts=None) -> tuple:
+    """`logs.start` (the job's log, its exception, CPU accounting; `attempts` keeps earlier
+    attempts' lines) plus torch's threads (the rule's `threads`) and the device; return (log,
     device)."""
-    log, logger = logs.start(snakemake, append)
+    log, logger = logs.start(snakemake, attempts)
     torch.set_num_threads(max(1, snakemake.threads))
     device = resolve_device(device)
     log(f"on {device}, {torch.get_num_threads()} threads")
     return log, device
+
+
+def attempts_log(ckpt_dir: str | Path, pattern: str = "epoch_*.pt") -> Path:
+    """The file that keeps every attempt's log lines of a resumable job, beside its checkpoints
+    (``pattern``): emptied when the job starts afresh (no checkpoint to resume from)."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / "attempts.log"
+    if not any(ckpt_dir.glob(pattern)):
+        path.unlink(missing_ok=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def model_spec(data: Data, model_args: dict) -> dict:

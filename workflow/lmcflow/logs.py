@@ -12,6 +12,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable
 
 
@@ -21,10 +22,14 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def start(snakemake, append: bool = False) -> tuple[Callable[[str], None], logging.Logger]:
+def start(snakemake, attempts: str | os.PathLike | None = None
+          ) -> tuple[Callable[[str], None], logging.Logger]:
     """Set up logging to snakemake.log[0] (follow it with `tail -f`); return (log, logger).
-    With ``append`` (a job that goes on from an earlier attempt's files) the earlier attempt's
-    lines stay, followed by a line that marks the new attempt.
+
+    ``attempts``: a file beside a job's own resumable files (a run's checkpoints) that keeps the
+    lines of every attempt. Snakemake deletes the log of an interrupted job before running it
+    again; where that file exists, the new log starts with the earlier attempts' lines and a
+    line that marks the new attempt. (The job deletes the file when it starts afresh.)
 
     An exception that ends the job is written to the log file too, message and traceback (it
     also goes to stderr as usual), so `show-failed-logs` and a look at the log show why a job
@@ -38,8 +43,11 @@ def start(snakemake, append: bool = False) -> tuple[Callable[[str], None], loggi
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stderr)  # progress goes to the log; only problems here
     console.setLevel(logging.INFO if not snakemake.log else logging.WARNING)
-    files = [logging.FileHandler(snakemake.log[0], mode="a" if append else "w")] \
-        if snakemake.log else []
+    earlier = Path(attempts).read_text() if attempts and Path(attempts).is_file() else ""
+    if snakemake.log:
+        Path(snakemake.log[0]).write_text(earlier)
+    files = [logging.FileHandler(path, mode="a") for path in (*snakemake.log[:1], attempts)
+             if path]
     for h in (console, *files):
         h.setFormatter(fmt)
         logger.addHandler(h)
@@ -50,7 +58,7 @@ def start(snakemake, append: bool = False) -> tuple[Callable[[str], None], loggi
     fast_exit = type(snakemake).__module__.startswith("snakemake")
     atexit.register(_finish, log_path, startup, failed, fast_exit)
     wildcards = ", ".join(f"{k}={v}" for k, v in snakemake.wildcards.items())
-    again = " - a new attempt (the lines above are from an earlier one)" if append else ""
+    again = " - a new attempt (the lines above are from an earlier one)" if earlier else ""
     logger.info(f"{snakemake.rule} [{wildcards}]{again}")
     return logger.info, logger
 

@@ -14,8 +14,9 @@ from lmcflow.io import save_parquet, save_torch
 run = snakemake.params.run
 out_dir = Path(snakemake.output.rounds).parent
 ckpt_dir = out_dir / "checkpoints"
-# an earlier attempt left checkpoints to resume from: keep its log lines too
-log, device = jobs.start(snakemake, run["device"], append=any(ckpt_dir.glob("round_*.pt")))
+# every attempt's lines, beside the checkpoints it resumes from
+log, device = jobs.start(snakemake, run["device"],
+                         attempts=jobs.attempts_log(ckpt_dir, "round_*.pt"))
 data = jobs.load_dataset(**run["data"])
 spec = jobs.model_spec(data, run["model"])
 model = jobs.build(spec, device, seed=run["seed"])  # the clients' common initialisation

@@ -12,7 +12,7 @@ from lmcflow.training import check_fits, evaluate, kept_weights, load_run, run_t
 
 run = snakemake.params.run
 ckpt_dir = Path(snakemake.output[0]).parent / "checkpoints"
-log, device = jobs.start(snakemake, run["device"], append=any(ckpt_dir.glob("epoch_*.pt")))
+log, device = jobs.start(snakemake, run["device"], attempts=jobs.attempts_log(ckpt_dir))
 data = jobs.load_dataset(**run["data"]).to(device)
 spec = jobs.model_spec(data, run["model"])
 model = jobs.build(spec, device, seed=run["init_seed"])  # θ_0's initialisation: the control's start

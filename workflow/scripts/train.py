@@ -10,8 +10,9 @@ from lmcflow.training import kept_weights, run_training
 
 run = snakemake.params.run
 ckpt_dir = Path(snakemake.output[0]).parent / "checkpoints"
-# an earlier attempt left checkpoints to resume from: keep its log lines too
-log, device = jobs.start(snakemake, run["device"], append=any(ckpt_dir.glob("epoch_*.pt")))
+# every attempt's lines, beside the checkpoints it resumes from (Snakemake deletes the log of an
+# interrupted job)
+log, device = jobs.start(snakemake, run["device"], attempts=jobs.attempts_log(ckpt_dir))
 data = jobs.load_dataset(**run["data"])
 spec = jobs.model_spec(data, run["model"])
 model = jobs.build(spec, device, seed=run["init_seed"])
