@@ -1,7 +1,7 @@
 """Benchmark Git Re-Basin weight matching against its own matmul floor.
 
 Two independently initialised networks (seeds 0 and 1, PyTorch default init) per row, matched
-with :func:`lmcflow.matching.weight_matching` (float32 costs, scipy linear_sum_assignment on the
+with :func:`lmcflow.alignment.weight_matching` (float32 costs, scipy linear_sum_assignment on the
 CPU). Models: the paper MLP 784-(512w)x3-10 and ResNet-20 ("ln": LayerNorm over channels at every position) on 3x32x32, at width
 multipliers 1, 4, 16, 32. Each row runs in its own subprocess, so the peak memory is that row's
 alone (CPU: VmHWM, read right after the matching, including both float32 models; GPU:
@@ -113,8 +113,8 @@ def run_one(model: str, width: int, threads: int, max_sweeps: int, device_name: 
             min_seconds: float, clock_name: str) -> dict:
     import torch
 
-    from lmcflow import matching
-    from lmcflow.matching import permutation_spec, weight_matching
+    from lmcflow.alignment import weight as matching
+    from lmcflow.alignment import permutation_spec, weight_matching
 
     torch.set_num_threads(threads)
     device, clock = torch.device(device_name), clock_fn(clock_name)
@@ -225,7 +225,7 @@ def trained_check(args) -> None:
     import torch
 
     from lmcflow.data import load_dataset
-    from lmcflow.matching import matching_objective, permutation_spec, weight_matching
+    from lmcflow.alignment import matching_objective, permutation_spec, weight_matching
 
     torch.set_num_threads(args.threads)
     data = load_dataset("mnist5k")

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "workflow"))
 from lmcflow.config import TrainSetting  # noqa: E402
 from lmcflow.data import load_dataset  # noqa: E402
 from lmcflow.interpolation import lmc_curve  # noqa: E402
-from lmcflow.matching import (activation_matching, apply_permutation, permutation_spec,  # noqa: E402
+from lmcflow.alignment import (activation_matching, apply_permutation, permutation_spec,  # noqa: E402
                               weight_matching)
 from lmcflow.models import build_model, has_batchnorm  # noqa: E402
 from lmcflow.training import run_training  # noqa: E402

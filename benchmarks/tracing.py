@@ -1,4 +1,4 @@
-"""Benchmark permutation-spec tracing (lmcflow.tracing.trace_spec) over the model zoo.
+"""Benchmark permutation-spec tracing (lmcflow.alignment.trace_spec) over the model zoo.
 
     python benchmarks/tracing.py                  # every model
     python benchmarks/tracing.py --models resnet50 vit_b_16 --reps 5 --check
@@ -28,7 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
 from lmcflow.models import build_model  # noqa: E402
-from lmcflow.tracing import SpecWarning, check_equivalence, trace_spec  # noqa: E402
+from lmcflow.alignment import SpecWarning, check_equivalence, trace_spec  # noqa: E402
 
 
 def zoo() -> dict:

@@ -15,7 +15,7 @@ from lmcflow.startup import check as check_config
 from lmcflow.federated import (aggregate, averaged_keys, client_noise_seed, final_files,
                                kept_path, label_entropy, make_shards, run_federated,
                                weighted_average)
-from lmcflow.matching import apply_permutation, permutation_spec, random_permutation
+from lmcflow.alignment import apply_permutation, permutation_spec, random_permutation
 from lmcflow.models import build_model
 from lmcflow.training import lr_at, lr_at_step, make_optimizer, train_epoch
 

@@ -1,4 +1,4 @@
-"""Tests of lmcflow.matching: permutation specs, their invariance, weight and activation matching.
+"""Tests of lmcflow.alignment: permutation specs, their invariance, weight and activation matching.
 
 Every model family is covered with both norms. Norm layers get random affine parameters and
 running statistics that differ from their initial values (BN stats from train-mode passes, the
@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lmcflow.data import Data, load_dataset, sample_order
-from lmcflow.matching import (
+from lmcflow.alignment import (
     PermutationSpec, activation_matching, apply_permutation, identity_permutation,
     feature_modules, invert_permutation, matching_objective, permutation_spec, random_permutation,
     weight_matching,
@@ -600,7 +600,7 @@ def test_cost_matrices_follow_moved_units_row_by_row():
     """White box: after units move (a few at a time, so the costs are updated through the
     moved rows, or many, so they are recomputed), each group's B matrix is B with the other
     groups' permutations and its cost equals a fresh float64 matmul."""
-    from lmcflow import matching as m
+    from lmcflow.alignment import weight as m
 
     model = make_model("resnet20", {"width": 0.5, "norm": "bn"}, (3, 32, 32))
     spec = permutation_spec(model)

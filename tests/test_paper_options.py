@@ -16,7 +16,7 @@ import torch
 
 from lmcflow.config import load_yaml
 from lmcflow.io import save_torch
-from lmcflow.matching import activation_matching, permutation_spec
+from lmcflow.alignment import activation_matching, permutation_spec
 from lmcflow.metrics import barriers
 from lmcflow.models import build_model
 from scriptrun import run_script

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmcflow.interpolation import endpoint_statistics, lerp_state, lmc_curve, load_interpolated
-from lmcflow.matching import apply_permutation, permutation_spec, weight_matching
+from lmcflow.alignment import apply_permutation, permutation_spec, weight_matching
 from lmcflow.models import build_model
 from lmcflow.repair import remove_repair, repair, repair_points, unit_statistics
 from conftest import sgd_train

@@ -1,6 +1,6 @@
-"""Tests of lmcflow.tracing: permutation specs traced with torch.fx, and the equivalence check.
+"""Tests of lmcflow.alignment.trace: permutation specs traced with torch.fx, and the equivalence check.
 
-The hand-written specs of lmcflow.matching are the ground truth: the traced spec of every
+The hand-written specs of lmcflow.alignment.builders are the ground truth: the traced spec of every
 built-in model must be the same partition of (tensor, axis) pairs into groups, with the same
 view shapes, up to the names of the groups. Over a zoo (built-ins, torchvision models, the
 ViT, concatenation, depthwise and grouped convolutions, packed attention) a random
@@ -18,10 +18,10 @@ import torchvision
 from torch import nn
 from test_matching import assert_same_function, make_model, nontrivial_permutation
 
-from lmcflow.matching import (apply_permutation, matching_objective, permutation_spec,
+from lmcflow.alignment import (apply_permutation, matching_objective, permutation_spec,
                               weight_matching)
 from lmcflow.models import build_model, feature_layers
-from lmcflow.tracing import EquivalenceError, SpecWarning, TraceError, check_equivalence, trace_spec
+from lmcflow.alignment import EquivalenceError, SpecWarning, TraceError, check_equivalence, trace_spec
 from lmcflow.vit import ViT
 
 NUM_CLASSES = 7

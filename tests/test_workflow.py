@@ -310,7 +310,7 @@ def assert_permuted_endpoint(root: Path, method: str) -> None:
     import torch
 
     from lmcflow import jobs
-    from lmcflow.matching import apply_permutation, permutation_spec
+    from lmcflow.alignment import apply_permutation, permutation_spec
 
     pair = root / f"pairs/{method}/pair0"
     info = json.loads((pair / "pair.json").read_text())

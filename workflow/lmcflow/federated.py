@@ -12,7 +12,7 @@ Aggregations (``AGGREGATIONS``):
   clients, a model that no client holds (evaluated and kept for the ``federated_global_layers``
   pair, never sent to the clients).
 - ``aligned`` (beyond the paper): each client is permuted to the current global model by weight
-  matching (``lmcflow.matching``; its momentum buffers with it) before ``full`` averaging.
+  matching (``lmcflow.alignment``; its momentum buffers with it) before ``full`` averaging.
 
 Conventions:
 - Round r = 1..R, R = train.epochs / E. Client k *at round r* is its weights at the end of its
@@ -207,7 +207,7 @@ def aggregate(clients: Sequence[nn.Module], opts: Sequence[torch.optim.Optimizer
               log: Callable[[str], None] = print) -> dict:
     """One aggregation: load the averaged ``keys`` into every client (in place) and return the
     round's global model (a state dict). ``local`` are the clients' states before it."""
-    from .matching import apply_permutation, weight_matching
+    from .alignment import apply_permutation, weight_matching
 
     states = list(local)
     if aggregation == "aligned":  # each client permuted onto the current global model
@@ -293,7 +293,7 @@ def run_federated(model: nn.Module, data: Data, s: TrainSetting, fed: dict, aggr
     keys = averaged_keys(model, aggregation, fed.get("layers", ()), fed.get("bn", "average"))
     spec = None
     if aggregation == "aligned":
-        from .matching import permutation_spec
+        from .alignment import permutation_spec
 
         spec = permutation_spec(model)
     clients = [copy.deepcopy(model) for _ in shards]

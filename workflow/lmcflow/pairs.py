@@ -58,48 +58,38 @@ def spawned_runs(seed: int, pair: int) -> tuple[str, str]:
     return f"spawn{seed + 2 * pair}/child0", f"spawn{seed + 2 * pair}/child1"
 
 
-def _permuted(run_a: dict, run_b: dict, setting: dict, device, log, match) -> tuple[dict, dict]:
-    """Shared part of the permutation methods: rebuild models, check that the permutation spec
-    keeps A's function (a seeded random permutation through it changes no output; otherwise the
-    job stops naming the tensor that breaks it), match, apply π to B."""
-    import torch
+def _aligned(matcher: str) -> Callable:
+    """The align step of a permutation method: rebuild both models, check that the permutation
+    spec keeps A's function (a seeded random permutation through it changes no output;
+    otherwise the job stops naming the tensor that breaks it), match B to A with
+    ``alignment.MATCHERS[matcher]``, apply π to B."""
 
-    from . import jobs
-    from .matching import apply_permutation, permutation_spec
-    from .tracing import check_equivalence
+    def align(run_a, run_b, setting, device="cpu", log=print) -> tuple[dict, dict]:
+        import torch
 
-    model_a, model_b = jobs.build(run_a["spec"], device), jobs.build(run_b["spec"], device)
-    model_a.load_state_dict(run_a["model"])
-    model_b.load_state_dict(run_b["model"])
-    spec = permutation_spec(model_a)
-    example = torch.randn(4, *model_a.in_shape, generator=torch.Generator().manual_seed(0))
-    check = check_equivalence(model_a, spec, example.to(device))
-    log(f"permutation spec: {len(spec.groups)} groups; a random permutation through it keeps the "
-        f"outputs (max relative change {check['max_rel_error']:.1e})")
-    perm, info = match(spec, model_a, model_b)
-    state_b = apply_permutation(spec, perm, {k: v.to(device) for k, v in run_b["model"].items()})
-    log(f"matched {len(perm)} groups: objective {info['objective']:.6g}, sweeps {info['sweeps']}")
-    extra = {"objective": float(info["objective"]), "sweeps": int(info["sweeps"]),
-             "permutation": {g: p.tolist() for g, p in perm.items()}}
-    return {k: v.cpu() for k, v in state_b.items()}, extra
+        from . import jobs
+        from .alignment import MATCHERS, apply_permutation, check_equivalence, permutation_spec
 
+        model_a, model_b = jobs.build(run_a["spec"], device), jobs.build(run_b["spec"], device)
+        model_a.load_state_dict(run_a["model"])
+        model_b.load_state_dict(run_b["model"])
+        spec = permutation_spec(model_a)
+        example = torch.randn(4, *model_a.in_shape, generator=torch.Generator().manual_seed(0))
+        check = check_equivalence(model_a, spec, example.to(device))
+        log(f"permutation spec: {len(spec.groups)} groups; a random permutation through it keeps "
+            f"the outputs (max relative change {check['max_rel_error']:.1e})")
+        data = lambda: jobs.load_dataset(**setting["data"])  # noqa: E731
+        perm, info = MATCHERS[matcher].match(spec, model_a, model_b, setting["matching"], data,
+                                             device, log)
+        state_b = apply_permutation(spec, perm,
+                                    {k: v.to(device) for k, v in run_b["model"].items()})
+        log(f"matched {len(perm)} groups: objective {info['objective']:.6g}, "
+            f"sweeps {info['sweeps']}")
+        extra = {"objective": float(info["objective"]), "sweeps": int(info["sweeps"]),
+                 "permutation": {g: p.tolist() for g, p in perm.items()}}
+        return {k: v.cpu() for k, v in state_b.items()}, extra
 
-def weight_matching_align(run_a, run_b, setting, device="cpu", log=print):
-    from .matching import weight_matching
-
-    m = setting["matching"]
-    return _permuted(run_a, run_b, setting, device, log, lambda spec, a, b: weight_matching(
-        spec, a.state_dict(), b.state_dict(), max_sweeps=m["max_sweeps"], seed=m["seed"], log=log))
-
-
-def activation_matching_align(run_a, run_b, setting, device="cpu", log=print):
-    from . import jobs
-    from .matching import activation_matching
-
-    m, data = setting["matching"], jobs.load_dataset(**setting["data"]).to(device)
-    return _permuted(run_a, run_b, setting, device, log, lambda spec, a, b: activation_matching(
-        a, b, spec, data, num_batches=m["batches"], batch_size=m["batch_size"], cost=m["cost"],
-        device=device, log=log, seed=m["seed"], residual=m["residual"]))
+    return align
 
 
 METHODS: dict[str, Method] = {
@@ -109,10 +99,10 @@ METHODS: dict[str, Method] = {
                        "two children forked from one parent at spawn_epoch, different SGD noise"),
     "weight_matching": Method("weight_matching", independent_runs,
                               "the naive pair with B's units permuted to match A's weights",
-                              weight_matching_align),
+                              _aligned("weight")),
     "activation_matching": Method("activation_matching", independent_runs,
                                   "the naive pair with B's units permuted to match A's activations",
-                                  activation_matching_align),
+                                  _aligned("activation")),
 }
 FEDERATED = "federated"
 

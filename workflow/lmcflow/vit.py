@@ -7,7 +7,7 @@ patch 7: 16 patches + the class token = 17 tokens of width 64).
 Attention uses four separate Linear layers ``q``, ``k``, ``v``, ``out`` (not a packed
 ``(3E, E)`` projection), so a permutation spec can give Q/K one within-head permutation and
 V/out another: ``q.weight (H*d, E)`` is viewed ``(H, d, E)``. There is no hand-written spec:
-:func:`lmcflow.matching.permutation_spec` traces it (:mod:`lmcflow.tracing`), using
+:func:`lmcflow.alignment.permutation_spec` traces it (:mod:`lmcflow.alignment.trace`), using
 ``in_shape`` for the example input.
 
 As in :mod:`lmcflow.models`: every GELU is its own non-in-place module, no dropout.

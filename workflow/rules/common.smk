@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import sys
+from pathlib import Path
 
 # The package is imported here from its folder (no install step needed); jobs run scripts in
 # fresh interpreters, which find it through scripts/_path.py.
@@ -133,7 +134,13 @@ def _file_digest(path):
 
 
 def _digest(module):
-    return _file_digest(os.path.join(PACKAGE, f"{module}.py"))
+    """A module's digest; a subpackage's (``alignment``) covers every file in it."""
+    path = os.path.join(PACKAGE, module)
+    if not os.path.isdir(path):
+        return _file_digest(f"{path}.py")
+    files = sorted(str(f.relative_to(path)) for f in Path(path).rglob("*.py"))
+    return hashlib.sha256(" ".join(f"{f}:{_file_digest(os.path.join(path, f))}"
+                                   for f in files).encode()).hexdigest()[:16]
 
 
 def code(*modules):

@@ -16,7 +16,7 @@ rule federated:
         aggregation="full|layers|aligned",
     params:
         code=code(*TORCH_JOB, "federated", "layerwise", "interpolation", "repair", "metrics",
-                  "barriers", "matching", "features", "tracing"),
+                  "barriers", "alignment", "features"),
         run=federated_params,
         base_seed=lambda wildcards: exp(wildcards)["seed"],
     threads: heavy_threads

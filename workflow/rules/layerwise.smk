@@ -11,7 +11,7 @@ rule layerwise:
         layer_robustness=f"{PAIR}/layer_robustness.parquet",
         subspace=f"{PAIR}/subspace.parquet",
     params:
-        code=code(*TORCH_JOB, "layerwise", "interpolation", "repair", "matching", "tracing",
+        code=code(*TORCH_JOB, "layerwise", "interpolation", "repair", "alignment",
                   "metrics", "barriers", "features"),
         setting=layerwise_params,
     threads: heavy_threads

@@ -14,7 +14,7 @@ rule make_pair:
     wildcard_constraints:
         method="|".join(m for m in METHODS if m not in PERMUTATION_METHODS),
     params:
-        code=code(*TORCH_JOB, "pairs", "finetune_plan", "matching", "features", "tracing"),
+        code=code(*TORCH_JOB, "pairs", "finetune_plan", "alignment", "features"),
         setting=pair_params,
     log:
         results("logs/{experiment}/pairs/{method}/{pair}/make_pair.log"),

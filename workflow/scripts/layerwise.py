@@ -34,7 +34,7 @@ ids = lambda df, **extra: jobs.with_ids(df, snakemake.wildcards, **extra)  # noq
 # and the final pair
 align = lambda state: state  # noqa: E731
 if "permutation" in snakemake.input.keys():
-    from lmcflow.matching import apply_permutation, permutation_spec
+    from lmcflow.alignment import apply_permutation, permutation_spec
 
     perm = {g: torch.tensor(p) for g, p in json.loads(open(snakemake.input.permutation).read()).items()}
     align = lambda state: apply_permutation(permutation_spec(model), perm, state)  # noqa: E731

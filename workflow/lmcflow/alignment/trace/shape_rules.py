@@ -1,0 +1,362 @@
+"""Rules for tensor operations (elementwise, reshapes, reductions, concatenation, indexing,
+matmul, einsum, attention, padding, pooling). Each takes (analysis, call) and returns the slot
+info of the call's value.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from .analysis import _Analysis
+from .slots import _Call, _T, _Unsupported, _flat, _tensors
+
+
+def _x(c: _Call, i: int = 0) -> _T:
+    info = c.ia[i] if i < len(c.ia) else None
+    if not isinstance(info, _T):
+        raise _Unsupported("expected a tensor argument")
+    return info
+
+
+def r_elementwise(a: _Analysis, c: _Call):
+    """Same function at every position (with broadcasting): every permutation commutes."""
+    if not isinstance(c.value, Tensor):
+        raise _Unsupported("no tensor result")
+    shape = tuple(c.value.shape)
+    return _T(a.broadcast(list(_tensors((c.ia, c.ika))), shape, c), shape)
+
+
+def r_self(a: _Analysis, c: _Call):
+    """Unary op on the first argument that keeps its shape (dtype/device casts, ``type_as``)."""
+    x = _x(c)
+    if not isinstance(c.value, Tensor) or tuple(c.value.shape) != x.shape:
+        raise _Unsupported("shape changes")
+    return x
+
+
+def r_reshape(a: _Analysis, c: _Call):
+    """Row-major reinterpretation: regroup the input's factors into the output dimensions,
+    refining a factor that an output dimension boundary cuts."""
+    x, shape = _x(c), tuple(c.value.shape)
+    S = a.slots
+    factors = S.leaves(_flat(x.dims))
+    dims = []
+    for n in shape:
+        dim, rem = [], n
+        while rem > 1:
+            if not factors:
+                return _reshape_failed(a, c, x)
+            f = S.find(factors[0])
+            if f in S.split:
+                factors[0:1] = S.leaves([f])
+                continue
+            s = S.size[f]
+            if rem % s == 0:
+                dim.append(f)
+                factors.pop(0)
+                rem //= s
+            elif s % rem == 0:
+                factors[0:1] = S.split_slot(f, [rem, s // rem])
+            else:
+                return _reshape_failed(a, c, x)
+        dims.append(tuple(dim))
+    if factors:
+        return _reshape_failed(a, c, x)
+    return _T(tuple(dims), shape)
+
+
+def _reshape_failed(a: _Analysis, c: _Call, x: _T):
+    reason = f"{c.where} reshapes across units"
+    a.slots.fix(_flat(x.dims), reason)
+    return a.new_fixed(c.value, reason, _flat(x.dims))
+
+
+def r_reorder(a: _Analysis, c: _Call):
+    """permute / transpose / movedim / .T: the same dimensions in another order."""
+    x = _x(c)
+    m = a.dim_map(c)
+    if None in m or sorted(m) != list(range(len(x.shape))):
+        raise _Unsupported("not a reordering")
+    return _T(tuple(x.dims[i] for i in m), tuple(c.value.shape))
+
+
+def _reduce(a: _Analysis, c: _Call, fix_reduced: bool):
+    x = _x(c)
+    m = a.dim_map(c)
+    reduced = [i for i in range(len(x.shape)) if i not in m]
+    if fix_reduced:  # indices along the reduced dimension would move with a permutation
+        a.slots.fix(_flat(x.dims[i] for i in reduced), f"indices along a dimension from {c.where}")
+    out = lambda v: _T(tuple(x.dims[i] if i is not None else () for i in m),  # noqa: E731
+                       tuple(v.shape))
+    if isinstance(c.value, Tensor):
+        return out(c.value)
+    return tuple(out(v) for v in c.value)
+
+
+def r_reduce(a: _Analysis, c: _Call):
+    """Symmetric reductions (sum, mean, amax, var, norm...) are invariant to any
+    permutation of the reduced dimensions; kept dimensions pass through."""
+    return _reduce(a, c, fix_reduced=False)
+
+
+def r_max_min(a: _Analysis, c: _Call):
+    """``max(x, other)`` is elementwise; ``max(x, dim)`` also returns indices."""
+    other = c.args[1] if len(c.args) > 1 else c.kwargs.get("other")
+    if isinstance(other, Tensor):
+        return r_elementwise(a, c)
+    return _reduce(a, c, fix_reduced=not isinstance(c.value, Tensor))
+
+
+def r_arg_reduce(a: _Analysis, c: _Call):
+    return _reduce(a, c, fix_reduced=True)
+
+
+def r_expand(a: _Analysis, c: _Call):
+    """Expanded dimensions are constant along themselves: new unconstrained slots."""
+    x, shape = _x(c), tuple(c.value.shape)
+    off = len(shape) - len(x.shape)
+    dims = []
+    for j, n in enumerate(shape):
+        i = j - off
+        if i >= 0 and x.shape[i] == n:
+            dims.append(x.dims[i])
+        else:
+            dims.append((a.slots.new(n),) if n > 1 else ())
+    return _T(tuple(dims), shape)
+
+
+def r_repeat(a: _Analysis, c: _Call):
+    """Tiling: each output dimension is (copy index, input units); copies are identical."""
+    x, shape = _x(c), tuple(c.value.shape)
+    off = len(shape) - len(x.shape)
+    dims = []
+    for j, n in enumerate(shape):
+        inner = x.dims[j - off] if j >= off else ()
+        k = n // (x.shape[j - off] if j >= off else 1)
+        dims.append(((a.slots.new(k),) if k > 1 else ()) + inner)
+    return _T(tuple(dims), shape)
+
+
+def _norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def r_cat(a: _Analysis, c: _Call):
+    """Other dimensions are tied across the operands; the concatenated dimension is fixed
+    (with a warning if it carried units): a consumer reading it would need a block-diagonal
+    permutation of one axis, which the spec format cannot express."""
+    b = c.bind(["tensors", "dim"])
+    parts = [t for t in b["tensors"][1] if isinstance(t, _T)] if b["tensors"][1] else []
+    if not parts or len(parts) != len(b["tensors"][0]):
+        raise _Unsupported("operands")
+    shape = tuple(c.value.shape)
+    dim = _norm_dim(b.get("dim", (0, None))[0] or 0, len(shape))
+    reason = f"concatenated by {c.where} (a block-diagonal permutation is not expressible)"
+    sources = []
+    for t in parts:
+        if len(t.shape) != len(shape):
+            raise _Unsupported("operand ranks differ")
+        sources += list(t.dims[dim])
+        a.slots.fix(t.dims[dim], reason)
+    dims = list(a.broadcast([_T(t.dims[:dim] + ((),) + t.dims[dim + 1:],
+                                t.shape[:dim] + (1,) + t.shape[dim + 1:]) for t in parts],
+                            shape[:dim] + (1,) + shape[dim + 1:], c))
+    dims[dim] = a.new_fixed(torch.empty(shape[dim]), reason, sources).dims[0]
+    return _T(tuple(dims), shape)
+
+
+def r_stack(a: _Analysis, c: _Call):
+    """Stacking: operands tied dimension by dimension; the new dimension is fixed."""
+    b = c.bind(["tensors", "dim"])
+    parts = b["tensors"][1]
+    if not parts or not all(isinstance(t, _T) for t in parts):
+        raise _Unsupported("operands")
+    shape = tuple(c.value.shape)
+    dim = _norm_dim(b.get("dim", (0, None))[0] or 0, len(shape))
+    dims = list(a.broadcast(list(parts), shape[:dim] + shape[dim + 1:], c))
+    dims.insert(dim, a.new_fixed(torch.empty(shape[dim]), None).dims[0])
+    return _T(tuple(dims), shape)
+
+
+def r_chunk(a: _Analysis, c: _Call):
+    """chunk / split / unbind: equal parts refine the dimension into (part index, units),
+    the part index fixed; uneven parts fix the dimension."""
+    x = _x(c)
+    pieces = list(c.value)
+    if c.node.target == "unbind" or getattr(c.node.target, "__name__", "") == "unbind":
+        dim = _norm_dim(c.args[1] if len(c.args) > 1 else c.kwargs.get("dim", 0), len(x.shape))
+        a.slots.fix(x.dims[dim], f"unbound by {c.where}")
+        return tuple(_T(x.dims[:dim] + x.dims[dim + 1:], tuple(p.shape)) for p in pieces)
+    dim = next((d for d in range(len(x.shape)) if pieces[0].shape[d] != x.shape[d]), None)
+    if dim is None:
+        return tuple(x for _ in pieces)
+    sizes = [p.shape[dim] for p in pieces]
+    n, k = len(pieces), sizes[0]
+    if all(s == k for s in sizes) and n * k == x.shape[dim]:
+        part = (a.slots.new(n),) if n > 1 else ()
+        rest = (a.slots.new(k),) if k > 1 else ()
+        a.slots.fix(part)  # which part is structure, not units
+        a.unify(x.dims[dim], part + rest, c)
+        inner = rest
+    else:
+        reason = f"split unevenly by {c.where}"
+        a.slots.fix(x.dims[dim], reason)
+        return tuple(_T(x.dims[:dim] + a.new_fixed(torch.empty(s), reason, x.dims[dim]).dims
+                        + x.dims[dim + 1:], tuple(p.shape)) for p, s in zip(pieces, sizes))
+    return tuple(_T(x.dims[:dim] + (inner,) + x.dims[dim + 1:], tuple(p.shape)) for p in pieces)
+
+
+def r_getitem(a: _Analysis, c: _Call):
+    """Items of tuples pass their info; tensor indexing keeps full slices, fixes indexed or
+    sliced dimensions (an index picks a unit) and inserts size-1 dimensions for None."""
+    obj, idx = c.ia[0], c.args[1]
+    if not isinstance(obj, _T):
+        if isinstance(obj, (list, tuple)):
+            return obj[idx]
+        raise _Unsupported("item of an untracked value")
+    x = obj
+    items = idx if isinstance(idx, tuple) else (idx,)
+    if any(isinstance(i, (Tensor, list, bool)) for i in items):
+        raise _Unsupported("advanced indexing")
+    used = sum(1 for i in items if i is not None and i is not Ellipsis)
+    dims, d = [], 0
+    reason = f"indexed by {c.where}"
+    for item in items:
+        if item is None:
+            dims.append(())
+        elif item is Ellipsis:
+            for _ in range(len(x.shape) - used):
+                dims.append(x.dims[d])
+                d += 1
+        elif isinstance(item, int):
+            a.slots.fix(x.dims[d], reason)
+            d += 1
+        elif isinstance(item, slice):
+            n = x.shape[d]
+            r = range(*item.indices(n))
+            if len(r) == n and r.step == 1:
+                dims.append(x.dims[d])
+            else:
+                a.slots.fix(x.dims[d], reason)
+                dims.append(a.new_fixed(torch.empty(len(r)), reason, x.dims[d]).dims[0])
+            d += 1
+        else:
+            raise _Unsupported(f"index {item!r}")
+    dims += list(x.dims[d:])
+    shape = tuple(c.value.shape)
+    if len(dims) != len(shape):
+        raise _Unsupported("index result")
+    return _T(tuple(dims), shape)
+
+
+def r_matmul(a: _Analysis, c: _Call):
+    """Contracted dimensions are tied (a sum over one index is invariant to permuting it);
+    batch dimensions broadcast; the result has the left rows and the right columns."""
+    x, y = _x(c, 0), _x(c, 1)
+    shape = tuple(c.value.shape)
+    if len(x.shape) == 1 and len(y.shape) == 1:
+        a.unify(x.dims[0], y.dims[0], c)
+        return _T((), shape)
+    if len(x.shape) == 1:
+        a.unify(x.dims[0], y.dims[-2], c)
+        return _T(y.dims[:-2] + (y.dims[-1],), shape)
+    if len(y.shape) == 1:
+        a.unify(x.dims[-1], y.dims[0], c)
+        return _T(x.dims[:-1], shape)
+    a.unify(x.dims[-1], y.dims[-2], c)
+    batch = a.broadcast([_T(x.dims[:-2], x.shape[:-2]), _T(y.dims[:-2], y.shape[:-2])],
+                        shape[:-2], c)
+    return _T(tuple(batch) + (x.dims[-2], y.dims[-1]), shape)
+
+
+def r_einsum(a: _Analysis, c: _Call):
+    """Dimensions with the same label are tied (contracted or kept alike)."""
+    eq = c.args[0].replace(" ", "")
+    ops = c.ia[1:] if len(c.ia) > 2 or not isinstance(c.ia[1], (list, tuple)) else c.ia[1]
+    if "..." in eq or not all(isinstance(t, _T) for t in ops):
+        raise _Unsupported("ellipsis or operands")
+    lhs, _, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if not rhs and "->" not in eq:
+        rhs = "".join(sorted(ch for ch in set(lhs) if ch.isalpha() and lhs.count(ch) == 1))
+    label: dict[str, tuple] = {}
+    for term, t in zip(terms, ops):
+        for ch, d, n in zip(term, t.dims, t.shape):
+            if n == 1:
+                continue
+            if ch in label:
+                a.unify(label[ch], d, c)
+            else:
+                label[ch] = d
+    return _T(tuple(label.get(ch, ()) for ch in rhs), tuple(c.value.shape))
+
+
+def r_sdpa(a: _Analysis, c: _Call):
+    """softmax(q kᵀ) v: q and k share their last dimension; keys and values share their
+    sequence dimension (attention is invariant to permuting key/value pairs); batch/head
+    dimensions broadcast. A causal mask ties positions to their order: fixed."""
+    b = c.bind(["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+                "enable_gqa"])
+    q, k, v = (b[n][1] for n in ("query", "key", "value"))
+    if not all(isinstance(t, _T) for t in (q, k, v)) or b.get("enable_gqa", (False,))[0]:
+        raise _Unsupported("operands")
+    shape = tuple(c.value.shape)
+    a.unify(q.dims[-1], k.dims[-1], c)
+    a.unify(k.dims[-2], v.dims[-2], c)
+    parts = [_T(t.dims[:-2], t.shape[:-2]) for t in (q, k, v)]
+    mask = b.get("attn_mask", (None, None))[1]
+    if isinstance(mask, _T):
+        full = shape[:-1] + (k.shape[-2],)
+        dims = a.broadcast([mask, _T(tuple(p for p in a.broadcast(parts, shape[:-2], c))
+                                     + (q.dims[-2], k.dims[-2]), full)], full, c)
+        batch = dims[:-2]
+    else:
+        batch = a.broadcast(parts, shape[:-2], c)
+    if b.get("is_causal", (False,))[0]:
+        a.slots.fix(q.dims[-2] + k.dims[-2], f"causal mask of {c.where}")
+    return _T(tuple(batch) + (q.dims[-2], v.dims[-1]), shape)
+
+
+def r_pad(a: _Analysis, c: _Call):
+    """Padded dimensions are fixed (the pad sits at one end of the units)."""
+    x, pad = _x(c), c.args[1] if len(c.args) > 1 else c.kwargs["pad"]
+    dims = list(x.dims)
+    shape = tuple(c.value.shape)
+    for k in range(len(pad) // 2):
+        d = len(dims) - 1 - k
+        if pad[2 * k] or pad[2 * k + 1]:
+            reason = f"padded by {c.where}"
+            a.slots.fix(dims[d], reason)
+            dims[d] = a.new_fixed(torch.empty(shape[d]), reason, dims[d]).dims[0]
+    return _T(tuple(dims), shape)
+
+
+def _pool(a: _Analysis, c: _Call, n_spatial: int | None):
+    """Channels pass; the last ``n_spatial`` dimensions (positions) are fixed."""
+    x = _x(c)
+    value = c.value[0] if isinstance(c.value, (tuple, list)) else c.value
+    k = n_spatial if n_spatial is not None else len(x.shape) - 2
+    if k <= 0 or k >= len(x.shape):
+        raise _Unsupported("spatial dimensions")
+    spatial = _flat(x.dims[-k:])
+    a.slots.fix(spatial, f"pooled or resampled by {c.where}")
+    shape = tuple(value.shape)
+    pos = a.new_fixed(torch.empty(shape[-k:]), f"pooled by {c.where}", spatial).dims
+    out = _T(x.dims[:-k] + pos, shape)
+    return tuple(out for _ in c.value) if isinstance(c.value, (tuple, list)) else out
+
+
+def _spatial_rank(obj) -> int | None:
+    m = re.search(r"([123])d$", type(obj).__name__ if isinstance(obj, nn.Module) else obj.__name__)
+    return int(m.group(1)) if m else None
+
+
+def r_pool(a: _Analysis, c: _Call):
+    return _pool(a, c, _spatial_rank(c.module if c.module is not None else c.node.target))
+
+
+def r_interpolate(a: _Analysis, c: _Call):
+    return _pool(a, c, None)
