@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..spec import PermutationSpec
-from .slots import PRIMES, _Call, _Slots, _T, _Unsupported, _flat, _has_tensor, _tensors
+from .slots import PRIMES, ROWS, _Call, _Slots, _T, _Unsupported, _flat, _has_tensor, _tensors
 
 
 # What the interpreter itself knows about operations (the rules for each are in .tables).
@@ -181,7 +181,7 @@ class _Analysis(fx.Interpreter):
         ``sources`` (the inputs it derives from) is silently fixed, else for ``reason``."""
         info = self.fresh(value)
         silent = reason is None or (sources is not None and all(
-            self.slots.silent_fixed(s) for s in self.slots.leaves(sources)))
+            self.slots.silent_fixed(s) for s in self.slots.units(sources)))
         self.slots.fix(_flat(d for t in _tensors(info) for d in t.dims), None if silent else reason)
         return info
 
@@ -256,10 +256,11 @@ class _Analysis(fx.Interpreter):
 
     def build(self) -> tuple[PermutationSpec, dict[str, list[str]]]:
         """The spec and, per reason, the parameter axes that reason left unpermuted."""
+        self.slots.settle()
         leaf_roots = {leaf for dims in self.params.values() for d in dims
-                      for leaf in self.slots.leaves(d) if not self.slots.fixed(leaf)}
+                      for leaf in self.slots.units(d) if not self.slots.fixed(leaf)}
         names = self._group_names(leaf_roots)
-        axes, shapes, reshape, lost = {}, {}, {}, {}
+        axes, shapes, reshape, segments, lost = {}, {}, {}, {}, {}
         for key, t in self.state.items():
             shape = tuple(t.shape)
             shapes[key] = shape
@@ -269,26 +270,60 @@ class _Analysis(fx.Interpreter):
                 continue
             view, ax = [], []
             for axis, (n, d) in enumerate(zip(shape, dims)):
-                entries: list[list] = []
+                where, why = f"{key}[{axis}]", {}
+                entries: list[list] = []  # [size, group, stretches]
                 for leaf in self.slots.leaves(d):
-                    size, group = self.slots.size[leaf], names.get(self.slots.find(leaf))
-                    if group is None:
-                        r = self.slots.find(leaf)
-                        if r not in self.slots.silent:
-                            for reason in self.slots.reasons.get(r, []):
-                                lost.setdefault(reason, []).append(f"{key}[{axis}]")
-                        if entries and entries[-1][1] is None:  # adjacent unpermuted: merge
+                    size, r = self.slots.size[leaf], self.slots.find(leaf)
+                    stretches = self._stretches(r, names, where, why)
+                    group = names.get(r)
+                    if group is None and stretches is None:
+                        self._lost(r, where, why)
+                        if entries and entries[-1][1:] == [None, None]:  # adjacent unpermuted
                             entries[-1][0] *= size
                             continue
-                    entries.append([size, group])
-                entries = entries or [[n, None]]
-                view += [e[0] for e in entries]
-                ax += [e[1] for e in entries]
+                    entries.append([size, group, stretches])
+                if any(g is not None or st is not None for _, g, st in entries):
+                    why.pop(ROWS, None)  # a structural factor beside permuted units
+                for reason, at in why.items():
+                    lost.setdefault(reason, []).extend(at)
+                for size, group, stretches in entries or [[n, None, None]]:
+                    if stretches is not None:
+                        segments.setdefault(key, {})[len(view)] = stretches
+                    view.append(size)
+                    ax.append(group)
             axes[key] = tuple(ax)
             if tuple(view) != shape:
                 reshape[key] = tuple(view)
-        spec = PermutationSpec(axes, shapes, reshape, *self._features(names))
+        spec = PermutationSpec(axes, shapes, reshape, *self._features(names), segments)
         return spec, {r: sorted(set(v), key=v.index) for r, v in lost.items()}
+
+    def _lost(self, r: int, where: str, lost: dict[str, list[str]]) -> None:
+        """Record, per reason, that the fixed class ``r`` leaves ``where`` unpermuted."""
+        for u in self.slots.units([r]):
+            if u not in self.slots.silent:
+                for reason in self.slots.reasons.get(u, []):
+                    lost.setdefault(reason, []).append(where)
+
+    def _stretches(self, r: int, names: dict[int, str], where: str, lost) -> tuple | None:
+        """The spec's segments of the concatenation ``r`` (adjacent fixed parts merged), or
+        None when ``r`` is no concatenation or none of its parts is permuted."""
+        if r not in self.slots.concat:
+            return None
+        out: list[list] = []
+        for p in self.slots.parts([r]):
+            group = names.get(p)
+            if group is None:
+                if p in self.slots.split and not all(self.slots.fixed(u)
+                                                     for u in self.slots.units([p])):
+                    raise AssertionError(f"{where}: a factorised part survived settle()")
+                self._lost(p, where, lost)
+                if out and out[-1][0] is None:
+                    out[-1][1] += self.slots.size[p]
+                    continue
+            out.append([group, self.slots.size[p]])
+        if all(g is None for g, _ in out):
+            return None
+        return tuple((g, n) for g, n in out)
 
     def _group_names(self, roots: set[int]) -> dict[int, str]:
         """root -> ``P_<label>`` from the earliest module-labelled member (parameter labels
@@ -313,6 +348,8 @@ class _Analysis(fx.Interpreter):
                         memo[r] = lab
                     elif lab[0] == "sub":
                         memo[r] = f"{name(self.slots.find(lab[1]))}#{lab[2]}"
+                    elif lab[0] == "part":
+                        memo[r] = f"{name(self.slots.find(lab[1]))}.part{lab[2]}"
                     else:
                         memo[r] = f"{lab[1]}:{lab[2]}"
             return memo[r]

@@ -19,7 +19,7 @@ from .layer_rules import (
 )
 from .shape_rules import (
     _x, r_arg_reduce, r_cat, r_chunk, r_einsum, r_elementwise, r_expand, r_getitem,
-    r_interpolate, r_matmul, r_max_min, r_pad, r_pool, r_reduce, r_reorder, r_repeat,
+    r_interpolate, r_matmul, r_max_min, r_narrow, r_pad, r_pool, r_reduce, r_reorder, r_repeat,
     r_reshape, r_sdpa, r_self, r_stack,
 )
 from .slots import _Call, _Unsupported
@@ -89,7 +89,8 @@ FUNCTION_RULES.update({
     torch.max: r_max_min, torch.min: r_max_min, torch.argmax: r_arg_reduce,
     torch.argmin: r_arg_reduce,
     torch.cat: r_cat, torch.concat: r_cat, torch.concatenate: r_cat, torch.stack: r_stack,
-    torch.chunk: r_chunk, torch.split: r_chunk, torch.unbind: r_chunk,
+    torch.chunk: r_chunk, torch.split: r_chunk, torch.tensor_split: r_chunk,
+    torch.unbind: r_chunk, torch.narrow: r_narrow,
     operator.getitem: r_getitem,
     operator.matmul: r_matmul, torch.matmul: r_matmul, torch.bmm: r_matmul, torch.mm: r_matmul,
     torch.einsum: r_einsum, F.scaled_dot_product_attention: r_sdpa,
@@ -142,7 +143,8 @@ for _name in ("sum", "mean", "amax", "amin", "std", "var", "norm", "logsumexp", 
 METHOD_RULES.update({"max": r_max_min, "min": r_max_min, "argmax": r_arg_reduce,
                      "argmin": r_arg_reduce, "expand": r_expand, "expand_as": r_expand,
                      "broadcast_to": r_expand, "repeat": r_repeat, "chunk": r_chunk,
-                     "split": r_chunk, "unbind": r_chunk, "matmul": r_matmul, "bmm": r_matmul,
+                     "split": r_chunk, "tensor_split": r_chunk, "unbind": r_chunk,
+                     "narrow": r_narrow, "matmul": r_matmul, "bmm": r_matmul,
                      "mm": r_matmul, "__matmul__": r_matmul})
 
 
