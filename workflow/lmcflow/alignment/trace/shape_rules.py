@@ -203,8 +203,8 @@ def _split_dim(a: _Analysis, dim: tuple[int, ...], sizes: list[int], c: _Call
     the dimension becomes their concatenation (a plain class is cut into parts, each with
     its own permutation; a concatenation is cut where the parts fall inside its parts)."""
     S = a.slots
-    roots = [S.find(s) for s in dim]
-    parent = roots[0] if len(roots) == 1 else None
+    roots = [S.find(s) for s in dim]  # parts of a plain class are named after it
+    parent = roots[0] if len(roots) == 1 and roots[0] not in S.concat else None
     parts = [S.new(n, ("part", parent, i) if parent is not None else None) if n else None
              for i, n in enumerate(sizes)]
     for p, n in zip(parts, sizes):
@@ -261,8 +261,22 @@ def _sliced(a: _Analysis, dim: tuple[int, ...], n: int, r: range, reason: str):
     taken = _whole_parts(a, dim, r.start, r.stop) if r.step == 1 and len(r) else None
     if taken is not None:
         return taken
-    a.slots.fix(dim, reason)
+    a.slots.fix(_touched(a, dim, r), reason)
     return a.new_fixed(torch.empty(len(r)), reason, dim).dims[0]
+
+
+def _touched(a: _Analysis, dim: tuple[int, ...], r: range) -> list[int]:
+    """The slots that the units ``r`` of a dimension lie in: the parts they touch when the
+    dimension is a concatenation, else the whole dimension."""
+    S = a.slots
+    if len(dim) != 1 or S.find(dim[0]) not in S.concat or not len(r):
+        return list(dim)
+    lo, hi, out, offset = min(r), max(r), [], 0
+    for p in S.parts(dim):
+        if offset <= hi and lo < offset + S.size[p]:
+            out.append(p)
+        offset += S.size[p]
+    return out
 
 
 def r_narrow(a: _Analysis, c: _Call):

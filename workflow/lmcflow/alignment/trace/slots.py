@@ -226,6 +226,7 @@ class _Slots:
                     return None
                 sizes = [y - x for x, y in zip([0] + inner, inner + [n])]
                 self.concat[r] = [self.new(m, ("part", r, i)) for i, m in enumerate(sizes)]
+                self.silent.update(p for p in self.concat[r] if self.size[p] == 1)  # no units
                 self._push(r)
                 out.extend(self.concat[r])
             else:
@@ -277,10 +278,13 @@ class _Slots:
         return [index, rows[0]]
 
     def settle(self) -> None:
-        """Rewrite the concatenations that a spec cannot express as stretches: those with a
-        factorised part (attention heads of packed q, k, v) become rows when their parts are
-        equal (one permutation shared by the parts, as for ``chunk``), else those parts are
-        fixed; those whose parts are all one class become rows too (the same permutation,
+        """Rewrite the concatenations that a spec cannot express as stretches of groups.
+
+        One with factorised parts: parts that end in factors of one size (flattened maps
+        ``(C_i, H*W)``, heads ``(H, d)``) become ``(concatenation of the leading factors,
+        trailing factor)``, the trailing factors tied; else equal parts become rows (one
+        permutation shared by the parts, as for ``chunk``); else the factorised parts are
+        fixed. One whose parts are all one class becomes rows too (the same permutation,
         written as a view rather than as stretches)."""
         changed = True
         while changed:
@@ -295,16 +299,49 @@ class _Slots:
                     self.size[parts[0]] > 1
                 if not split and not same:
                     continue
-                changed = True
+                if split and self._factor_out(r, parts):
+                    changed = True
+                    continue
                 rows = self._rows(self.concat[r], len(parts)) \
                     if len({self.size[p] for p in parts}) == 1 else None
-                if rows is None:
-                    self.fix(split, "a concatenated part has factors (e.g. heads) that a "
-                             "stretch of units cannot carry")
-                else:
+                if rows is not None:
                     del self.concat[r]
                     self.split[r] = rows
                     self._push(r)
+                    changed = True
+                elif split:
+                    self.fix(split, "a concatenated part has factors (e.g. heads) that a "
+                             "stretch of units cannot carry")
+                    changed = True
+
+    def _factor_out(self, r: int, parts: list[int]) -> bool:
+        """Rewrite the concatenation ``r`` of ``parts`` whose factorised parts end in factors
+        of one size m as ``(concatenation of the parts' leading units, m)``: row-major, parts
+        ``(a_i, m)`` one after the other are ``(sum a_i, m)``. The trailing factors are tied
+        (one permutation for all parts); plain parts are split the same way. False when the
+        parts do not end alike."""
+        tails = [self.leaves([p])[-1] if p in self.split else None for p in parts]
+        m = {self.size[t] for t in tails if t is not None}
+        if len(m) != 1:
+            return False
+        m = m.pop()
+        if any(self.size[p] % m or self.size[p] == m for p in parts):
+            return False
+        leads = []
+        for p, t in zip(parts, tails):
+            lead = self.new(self.size[p] // m)
+            self.unify((p,), (lead, self.new(m) if t is None else t), "internal")
+            leads.append(lead)
+        tails = [self.leaves([p])[-1] for p in parts]
+        for t in tails[1:]:
+            self.union(tails[0], t)
+        if self.find(r) not in self.concat:  # rewritten meanwhile
+            return True
+        r = self.find(r)
+        del self.concat[r]
+        self.split[r] = [self.concat_of(leads), tails[0]]
+        self._push(r)
+        return True
 
     def unify(self, a, b, reason: str) -> bool:
         """Tie two factor lists of equal total size factor by factor, refining where their
