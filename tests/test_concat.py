@@ -8,6 +8,7 @@ random permutation through its traced spec keeps its outputs (``check_equivalenc
 """
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -18,7 +19,7 @@ from torch.nn import functional as F
 from conftest import sgd_train
 from test_matching import assert_same_function, nontrivial_permutation
 
-from lmcflow.alignment import (PermutationSpec, SpecWarning, activation_matching,
+from lmcflow.alignment import (EquivalenceError, PermutationSpec, SpecWarning, activation_matching,
                                apply_permutation, check_equivalence, invert_permutation,
                                matching_objective, trace_spec, weight_matching)
 from lmcflow.interpolation import lmc_curve
@@ -221,6 +222,28 @@ def test_user_net_has_every_hidden_unit_permuted_and_keeps_its_function():
     assert_planted_recovered(spec, model.state_dict())
 
 
+@pytest.mark.parametrize("key,axis,stretches,group", [
+    ("bn_dw.running_mean", 0, None, "P_a"),  # a BN statistic misses the concatenation
+    ("mix.weight", 1, (("P_a", 8), (None, 16)), "P_b"),  # a consumer misses one branch
+    ("dw.bias", 0, ((None, 8), ("P_b", 16)), "P_a"),  # a bias disagrees with its weight
+])
+def test_equivalence_check_names_a_tensor_whose_segments_are_wrong(key, axis, stretches, group):
+    model = user_net()
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpecWarning)  # (the spec is tested above)
+        spec = trace_spec(model, x)
+    segments = {k: dict(v) for k, v in spec.segments.items()}
+    if stretches is None:
+        del segments[key][axis]
+    else:
+        segments[key][axis] = stretches
+    broken = dataclasses.replace(spec, segments=segments, features={}, feature_dims={})
+    with pytest.raises(EquivalenceError, match=key.replace(".", r"\.")) as e:
+        check_equivalence(model, broken, x)
+    assert e.value.key == key and e.value.group == group
+
+
 def test_activation_matching_recovers_a_planted_permutation_of_the_user_net(tiny_data):
     """Every group has a feature module before the concatenation (the branch's ReLU); the
     concatenated outputs themselves are not read (their units are no single group)."""
@@ -377,13 +400,28 @@ class FlatCat(nn.Module):
         return self.fc2(torch.relu(self.fc1(y)))
 
 
-RULES = {  # name -> (model, input shape, groups; before segments: 2, 0, 0, 2, 3, 1)
+class Repeated(nn.Module):
+    """One branch concatenated twice around another: a group on two stretches of one axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.mix = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 5, 3, padding=1), \
+            nn.Conv2d(13, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        a, b = torch.relu(self.a(x)), torch.relu(self.b(x))
+        return self.fc(torch.relu(self.mix(torch.cat([a, b, a], 1))).mean((2, 3)))
+
+
+RULES = {  # name -> (model, input shape, groups; before segments: 2, 0, 0, 2, 3, 1, 0)
     "split_back": (SplitBack, (3, 8, 8), 4),
     "parts": (Parts, (3, 8, 8), 3),
     "gated": (Gated, (3, 6, 6), 3),
     "shuffle": (Shuffle, (3, 6, 6), 3),
     "packed_heads": (PackedHeads, (4, 5), 3),
     "flat_cat": (FlatCat, (3, 4, 4), 3),
+    "repeated": (Repeated, (3, 6, 6), 3),
 }
 
 
