@@ -7,7 +7,8 @@ Per model: parameters, the wall time of ``trace_spec`` on a batch-1 example inpu
 over ``--reps`` runs after one warm-up: symbolic trace + a pass over the graph on meta
 tensors + building the spec), the plain eval forward pass on real tensors for scale, and the
 spec's size: groups, state_dict keys, keys with a permuted axis, permuted axis entries (a
-concatenated axis counts once), the largest group, SpecWarnings raised. ``--check`` also times ``check_equivalence``.
+concatenated axis counts once), the largest group, SpecWarnings raised. ``--check`` also
+times ``check_equivalence``.
 Models: the built-ins at their paper sizes, torchvision's resnet18 (with and without
 BatchNorm), vgg11_bn, mobilenet_v2 (depthwise), squeezenet1_1 (concatenation), vit_b_16
 (packed nn.MultiheadAttention) and resnet50.
