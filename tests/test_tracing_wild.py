@@ -227,3 +227,27 @@ def test_leaf_of_a_known_class_is_not_trusted_to_be_that_class():
     spec, _ = trace(model, x)
     assert spec.axes["0.weight"] == (None, None) and spec.sizes == {}
     check_equivalence(model, spec, x)
+
+
+class ShapeBranching(nn.Module):
+    """Its own forward branches on a shape (``x.dim()`` is a proxy to torch.fx) and takes
+    ``len``: symbolic_trace fails outside any submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.flatten(0, 1)
+        return self.fc2(torch.relu(self.fc1(x))) / len(x)
+
+
+def test_a_model_whose_own_forward_fx_cannot_trace_is_traced_through_whole():
+    torch.manual_seed(0)
+    model, x = ShapeBranching().eval(), torch.randn(2, 3, 4)
+    spec, messages = trace(model, x)
+    assert spec.axes == {"fc1.weight": ("P_fc1", None), "fc1.bias": ("P_fc1",),
+                         "fc2.weight": (None, "P_fc1"), "fc2.bias": (None,)}
+    assert messages == []
+    check_equivalence(model, spec, x)

@@ -65,6 +65,7 @@ class _Analysis(fx.Interpreter):
         super().__init__(gm)
         self.rules = rules
         self.leaves = dict(leaves or {})  # submodules fx could not trace -> why
+        self.opaque: dict[str, str] = {}  # leaves that could not be traced through -> why
         self.model = model
         self.state = model.state_dict(keep_vars=True)
         self.modules = dict(model.named_modules())
@@ -103,7 +104,9 @@ class _Analysis(fx.Interpreter):
 
     def _where(self, n: fx.Node) -> str:
         if n.op == "call_module":
-            return f"{type(self.modules.get(n.target)).__name__} '{n.target}'"
+            m = self.fetch_attr(n.target)
+            return f"{type(m).__name__} " + \
+                ("(the model's forward)" if m is self.model else f"'{n.target}'")
         stack = n.meta.get("nn_module_stack") or {}
         owner = next(reversed(stack.values()))[0] if stack else ""
         target = n.target if isinstance(n.target, str) else \

@@ -5,7 +5,9 @@ flow on tensor values (``if x.sum() > 0``), takes ``len`` of a tensor, or builds
 values. :func:`symbolic_trace_with_leaves` traces again with the innermost submodule whose forward
 failed kept as a leaf (one ``call_module`` node), until the trace succeeds; the analysis then
 traces through each leaf on its concrete input (:mod:`.through`), or, where the leaf reads
-tensor values, keeps its inputs, tensors and outputs unpermuted and says why.
+tensor values, keeps its inputs, tensors and outputs unpermuted and says why. When the model's
+own forward fails, the whole model is one leaf (:func:`whole_model_graph`), traced through
+unless it reads tensor values.
 """
 
 from __future__ import annotations
@@ -52,3 +54,23 @@ def symbolic_trace_with_leaves(model: nn.Module) -> tuple[fx.GraphModule, dict[s
             leaves[tracer.failed_in] = f"{type(e).__name__}: {message[:160]}"
             continue
         return fx.GraphModule(tracer.root, graph, type(model).__name__), leaves
+
+
+ROOT = "_traced_model"  # the name of the model inside :func:`whole_model_graph`'s wrapper
+
+
+class _Whole(nn.Module):
+    """The model as the one submodule of a wrapper, so that its own forward can be a leaf."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        setattr(self, ROOT, model)
+
+
+def whole_model_graph(model: nn.Module, n_inputs: int) -> fx.GraphModule:
+    """A graph of one node, ``model(*inputs)`` as a leaf named :data:`ROOT`: for a model whose
+    own forward torch.fx cannot trace, so that it is traced through as a whole."""
+    graph = fx.Graph()
+    inputs = tuple(graph.placeholder(f"input{i}") for i in range(n_inputs))
+    graph.output(graph.call_module(ROOT, inputs))
+    return fx.GraphModule(_Whole(model), graph, type(model).__name__)

@@ -153,14 +153,15 @@ def _through(a, c: _Call, call, state: dict, why: str):
         rec.state_tensor(t, key)
     with rec:
         value = call()
-    head = f"{why}; " if why else ""
     if rec.error is not None:
-        return a.unsupported(c, f"{head}tracing through it failed "
-                                f"({type(rec.error).__name__}: {rec.error})")
-    if rec.reads:
-        return a.unsupported(c, f"{head}it reads tensor values ({rec.reads[0]}), so what it "
-                                "computes may depend on them")
-    return rec.lookup(value)[1]
+        detail = f"tracing through it failed ({type(rec.error).__name__}: {rec.error})"
+    elif rec.reads:
+        detail = f"it reads tensor values ({rec.reads[0]}), so what it computes may depend on them"
+    else:
+        return rec.lookup(value)[1]
+    if c.node.op == "call_module":
+        a.opaque[c.node.target] = detail
+    return a.unsupported(c, f"{why}; {detail}" if why else detail)
 
 
 def r_through(a, c: _Call):
@@ -171,7 +172,7 @@ def r_through(a, c: _Call):
         why = a.leaves.get(c.node.target)
         if why is None:
             return a.unsupported(c)
-        prefix = f"{c.node.target}."
+        prefix = "" if c.module is a.model else f"{c.node.target}."
         tensors = list(c.module.named_parameters(remove_duplicate=False)) + \
             list(c.module.named_buffers(remove_duplicate=False))
         state = {prefix + n: t for n, t in tensors if prefix + n in a.state}
