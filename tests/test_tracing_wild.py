@@ -4,7 +4,6 @@ as leaves, traced through unless they read tensor values).
 """
 
 import warnings
-from functools import partial
 
 import pytest
 import torch

@@ -143,8 +143,8 @@ def _through(a, c: _Call, call, state: dict, why: str):
     """Info of ``c.value`` from running ``call()`` (the body of ``c``) under a recorder;
     ``state``: key -> tensor of model tensors the body reads without receiving them."""
     rec = _Recorder(a, c.node)
-    for value, node, info in [*zip(c.args, c.node.args, c.ia),
-                              *((c.kwargs[k], c.node.kwargs.get(k), c.ika.get(k)) for k in c.kwargs)]:
+    kw = [(c.kwargs[k], c.node.kwargs.get(k), c.ika.get(k)) for k in c.kwargs]
+    for value, node, info in [*zip(c.args, c.node.args, c.ia), *kw]:
         if isinstance(node, fx.Node) and node.op == "get_attr" and node.target in a.state:
             rec.state_tensor(value, node.target)
         else:
