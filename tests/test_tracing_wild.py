@@ -239,6 +239,8 @@ class ShapeBranching(nn.Module):
     def forward(self, x):
         if x.dim() == 3:
             x = x.flatten(0, 1)
+        if not torch.is_floating_point(x) or x.type() == "torch.HalfTensor":  # metadata only
+            x = x.float()
         return self.fc2(torch.relu(self.fc1(x))) / len(x)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import builtins
 import operator
 
+import torch
 from torch import Tensor, fx
 from torch.overrides import TorchFunctionMode
 
@@ -47,11 +48,11 @@ def _normalize(func, args) -> tuple | None:
     owner = getattr(func, "__self__", None)
     if name == "__get__" and owner is not None:  # a Tensor property (shape, T, data...)
         return ("call_function", builtins.getattr, (args[0], getattr(owner, "__name__", "")))
+    if name in _META_QUERIES:  # x.size(), torch.numel(x), torch.is_floating_point(x)...
+        return None
     qual = getattr(func, "__qualname__", "") or ""
     if not qual.startswith(("TensorBase.", "Tensor.")):
         return ("call_function", func, tuple(args))
-    if name in _META_QUERIES:
-        return None
     if name == "__getitem__":
         return ("call_function", operator.getitem, tuple(args))
     if name == "__setitem__":
@@ -61,7 +62,8 @@ def _normalize(func, args) -> tuple | None:
 
 def _reads_values(target, value) -> bool:
     """A call that turns tensor values into Python values (attributes are metadata)."""
-    if value is None or isinstance(value, Tensor) or target is builtins.getattr:
+    if (value is None or isinstance(value, (Tensor, str, torch.dtype, torch.device))
+            or target is builtins.getattr):  # x.type() is a string
         return False
     if isinstance(value, (list, tuple)):
         return not all(isinstance(v, Tensor) for v in value)
