@@ -207,6 +207,7 @@ def test_untraceable_submodules_become_leaves_and_the_rest_is_permuted():
     assert any("'gate'" in m and "torch.fx cannot trace it" in m and "reads tensor values" in m
                for m in messages)
     assert not any("'rows'" in m for m in messages)
+    assert spec.features[spec.axes["rows.fc1.weight"][0]] == ("rows.fc1",)
     check_equivalence(model, spec, x)
     check_equivalence(model, spec, -x)  # the gate takes its other branch
 
@@ -251,4 +252,5 @@ def test_a_model_whose_own_forward_fx_cannot_trace_is_traced_through_whole():
     assert spec.axes == {"fc1.weight": ("P_fc1", None), "fc1.bias": ("P_fc1",),
                          "fc2.weight": (None, "P_fc1"), "fc2.bias": (None,)}
     assert messages == []
+    assert spec.features == {"P_fc1": ("fc1",)}  # modules called inside: activation matching
     check_equivalence(model, spec, x)

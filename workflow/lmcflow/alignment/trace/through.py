@@ -9,6 +9,7 @@ evaluated, so the analysis sees the body as it runs on inputs of the example's s
 Tensors are matched by identity: the call's tensor arguments keep their slots, the model's
 parameters and buffers (a leaf's own included) are read as ``get_attr`` nodes of their
 ``state_dict`` key (so units keep their modules' names), any other tensor is a fixed constant.
+Submodules called inside are recorded as module calls, so they can be feature modules.
 
 That is sound only if the body does the same thing on every input of these shapes: a body
 that reads tensor values into Python (``bool``, ``item``, ``tolist``, ``int``...: control flow
@@ -23,6 +24,7 @@ import operator
 
 import torch
 from torch import Tensor, fx
+from torch.nn.modules.module import register_module_forward_hook
 from torch.overrides import TorchFunctionMode
 
 from .slots import _Call
@@ -153,8 +155,21 @@ def _through(a, c: _Call, call, state: dict, why: str):
             rec.bind(value, rec.graph.placeholder(f"arg{len(rec.alive)}"), info)
     for key, t in state.items():
         rec.state_tensor(t, key)
-    with rec:
-        value = call()
+    names = {id(m): n for n, m in a.model.named_modules()}
+
+    def module_called(m, _args, out):  # modules called inside: feature candidates, as in fx
+        if m is not c.module and id(m) in names and isinstance(out, Tensor) \
+                and id(out) in rec.known:
+            node, info = rec.known[id(out)]
+            a.module_calls.append((node, names[id(m)], m))
+            a.info[node] = info
+
+    hook = register_module_forward_hook(module_called)
+    try:
+        with rec:
+            value = call()
+    finally:
+        hook.remove()
     if rec.error is not None:
         detail = f"tracing through it failed ({type(rec.error).__name__}: {rec.error})"
     elif rec.reads:
