@@ -43,7 +43,17 @@ view, reshape, (un)squeeze, permute, transpose, movedim, expand, repeat; symmetr
 another); ``nn.MultiheadAttention`` (packed ``in_proj_weight (3E, E)`` viewed ``(3, H, d, E)``:
 one head permutation and one within-head permutation shared by q, k and v, the out projection
 reading ``(E, H, d)``); embeddings (vocabulary fixed); ``chunk``/``split`` into equal parts
-(the part index is a fixed factor); ``stack``; indexing with full slices.
+(the part index is a fixed factor); ``stack``; indexing with full slices, slices that are one
+of equal consecutive blocks (``qkv[..., C:2*C]``: block index fixed, units within it pass),
+gathering rows with an integer index tensor (the rows fixed); ``torch.roll`` (rolled
+dimensions fixed); torchvision Swin's ``_patch_merging_pad`` (channels viewed ``(4, C)``).
+
+Traced through (:mod:`.through`): a Python function that torch.fx keeps as one node
+(``torch.fx.wrap``, e.g. torchvision Swin's ``shifted_window_attention`` and
+``_get_relative_position_bias``) is run again under a ``TorchFunctionMode`` that hands every
+torch call of its body to the same rules; so is a submodule that ``symbolic_trace`` cannot
+trace, kept as a leaf (:mod:`.fallback`), and the model's own forward where fx fails outside
+any submodule. A body that reads tensor values (``bool``, ``item``...) is unknown instead.
 
 Conservatively unpermuted, with a warning: concatenation along a permuted dimension (a
 consumer would need a block-diagonal permutation of its input axis, which a view cannot
