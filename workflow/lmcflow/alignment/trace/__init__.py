@@ -51,12 +51,22 @@ reading ``(E, H, d)``); embeddings (vocabulary fixed); ``cat`` along any dimensi
 (segments); ``chunk``/``split``/``tensor_split`` into equal or uneven parts (each part its own
 units; parts that a consumer ties, as a gate multiplying one half by the other, share them);
 slicing and ``narrow`` that take whole parts of a concatenation; ``stack`` (operands tied);
-indexing with full slices. A concatenation that cannot be stretches of groups is rewritten
-before the spec is read: one reshaped into equal rows (a view ``(k, n/k)``: ShuffleNet's
-channel shuffle, q/k/v chunked from one projection and split into heads) ties its rows and
-fixes the row index (which part a unit is in); one of flattened maps ``(C_i, H*W)`` becomes
-``(concatenated channels, H*W)``; a part with factors (heads) in any other concatenation is
-fixed.
+indexing with full slices, slices that are one of equal consecutive blocks (``qkv[..., C:2*C]``:
+block index fixed, units within it pass), gathering rows with an integer index tensor (the
+rows fixed); ``torch.roll`` (rolled dimensions fixed); torchvision Swin's
+``_patch_merging_pad`` (channels viewed ``(4, C)``). A concatenation that cannot be stretches
+of groups is rewritten before the spec is read: one reshaped into equal rows (a view
+``(k, n/k)``: ShuffleNet's channel shuffle, q/k/v chunked from one projection and split into
+heads) ties its rows and fixes the row index (which part a unit is in); one of flattened maps
+``(C_i, H*W)`` becomes ``(concatenated channels, H*W)``; a part with factors (heads) in any
+other concatenation is fixed.
+
+Traced through (:mod:`.through`): a Python function that torch.fx keeps as one node
+(``torch.fx.wrap``, e.g. torchvision Swin's ``shifted_window_attention`` and
+``_get_relative_position_bias``) is run again under a ``TorchFunctionMode`` that hands every
+torch call of its body to the same rules; so is a submodule that ``symbolic_trace`` cannot
+trace, kept as a leaf (:mod:`.fallback`), and the model's own forward where fx fails outside
+any submodule. A body that reads tensor values (``bool``, ``item``...) is unknown instead.
 
 Conservatively unpermuted, with a warning: indexing or slicing a permuted dimension other
 than whole parts of a concatenation (only the parts the slice touches), the row index of a

@@ -54,12 +54,18 @@ class Rules:
     modules: list[tuple[type | tuple, Callable]]
     methods: dict[str, Callable]
     functions: dict[Any, Callable]
+    # for calls with no rule of their own: a Python function torch.fx kept as one node, or a
+    # submodule kept as a leaf because fx cannot trace it (:func:`.through.r_through`)
+    through: Callable | None = None
 
 
 class _Analysis(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, model: nn.Module, rules: Rules):
+    def __init__(self, gm: fx.GraphModule, model: nn.Module, rules: Rules,
+                 leaves: dict[str, str] | None = None):
         super().__init__(gm)
         self.rules = rules
+        self.leaves = dict(leaves or {})  # submodules fx could not trace -> why
+        self.opaque: dict[str, str] = {}  # leaves that could not be traced through -> why
         self.model = model
         self.state = model.state_dict(keep_vars=True)
         self.modules = dict(model.named_modules())
@@ -98,7 +104,9 @@ class _Analysis(fx.Interpreter):
 
     def _where(self, n: fx.Node) -> str:
         if n.op == "call_module":
-            return f"{type(self.modules.get(n.target)).__name__} '{n.target}'"
+            m = self.fetch_attr(n.target)
+            return f"{type(m).__name__} " + \
+                ("(the model's forward)" if m is self.model else f"'{n.target}'")
         stack = n.meta.get("nn_module_stack") or {}
         owner = next(reversed(stack.values()))[0] if stack else ""
         target = n.target if isinstance(n.target, str) else \
@@ -140,6 +148,8 @@ class _Analysis(fx.Interpreter):
 
     def _rule_for(self, c: _Call) -> Callable | None:
         if c.node.op == "call_module":
+            if c.node.target in self.leaves:  # its class's rule would assume its usual forward
+                return self.rules.through
             for types, rule in self.rules.modules:
                 if isinstance(c.module, types):
                     return rule
@@ -147,9 +157,10 @@ class _Analysis(fx.Interpreter):
         if c.node.op == "call_method":
             return self.rules.methods.get(c.node.target)
         try:
-            return self.rules.functions.get(c.node.target)
+            rule = self.rules.functions.get(c.node.target)
         except TypeError:  # unhashable target
             return None
+        return rule if rule is not None else self.rules.through
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -253,14 +253,19 @@ def _whole_parts(a: _Analysis, dim: tuple[int, ...], start: int, stop: int
     return _dim_of(a, taken) if taken else None
 
 
-def _sliced(a: _Analysis, dim: tuple[int, ...], n: int, r: range, reason: str):
+def _sliced(a: _Analysis, dim: tuple[int, ...], n: int, r: range, reason: str, c: _Call):
     """Slots of the slice ``r`` of a dimension of size ``n``: the same (everything), whole
-    parts of a concatenation, else fixed (picking units pins them) for ``reason``."""
+    parts of a concatenation, one of equal consecutive blocks of a dimension that is no
+    concatenation (:func:`_block`), else fixed (picking units pins them; only the parts of a
+    concatenation it touches) for ``reason``."""
     if len(r) == n and r.step == 1:
         return dim
     taken = _whole_parts(a, dim, r.start, r.stop) if r.step == 1 and len(r) else None
     if taken is not None:
         return taken
+    concat = len(dim) == 1 and a.slots.find(dim[0]) in a.slots.concat
+    if not concat and r.step == 1 and len(r) > 1 and n % len(r) == 0 and r.start % len(r) == 0:
+        return _block(a, c, dim, n // len(r), len(r))
     a.slots.fix(_touched(a, dim, r), reason)
     return a.new_fixed(torch.empty(len(r)), reason, dim).dims[0]
 
@@ -290,14 +295,16 @@ def r_narrow(a: _Analysis, c: _Call):
     start = start + x.shape[d] if start < 0 else start
     dims = list(x.dims)
     dims[d] = _sliced(a, x.dims[d], x.shape[d], range(start, start + length),
-                      f"narrowed by {c.where}")
+                      f"narrowed by {c.where}", c)
     return _T(tuple(dims), tuple(c.value.shape))
 
 
 def r_getitem(a: _Analysis, c: _Call):
     """Items of tuples pass their info; tensor indexing keeps full slices and slices of whole
     parts of a concatenation, fixes other indexed or sliced dimensions (an index picks a unit)
-    and inserts size-1 dimensions for None."""
+    and inserts size-1 dimensions for None. A slice that is one of equal consecutive blocks
+    keeps the units within the block (:func:`_block`); one integer index tensor gathers rows
+    (:func:`_index_rows`)."""
     obj, idx = c.ia[0], c.args[1]
     if not isinstance(obj, _T):
         if isinstance(obj, (list, tuple)):
@@ -306,7 +313,7 @@ def r_getitem(a: _Analysis, c: _Call):
     x = obj
     items = idx if isinstance(idx, tuple) else (idx,)
     if any(isinstance(i, (Tensor, list, bool)) for i in items):
-        raise _Unsupported("advanced indexing")
+        return _index_rows(a, c, x, items)
     used = sum(1 for i in items if i is not None and i is not Ellipsis)
     dims, d = [], 0
     reason = f"indexed by {c.where}"
@@ -322,7 +329,7 @@ def r_getitem(a: _Analysis, c: _Call):
             d += 1
         elif isinstance(item, slice):
             n = x.shape[d]
-            dims.append(_sliced(a, x.dims[d], n, range(*item.indices(n)), reason))
+            dims.append(_sliced(a, x.dims[d], n, range(*item.indices(n)), reason, c))
             d += 1
         else:
             raise _Unsupported(f"index {item!r}")
@@ -331,6 +338,58 @@ def r_getitem(a: _Analysis, c: _Call):
     if len(dims) != len(shape):
         raise _Unsupported("index result")
     return _T(tuple(dims), shape)
+
+
+def _block(a: _Analysis, c: _Call, dim: tuple[int, ...], blocks: int, k: int):
+    """One of ``blocks`` equal consecutive blocks of a dimension (``qkv[:, C:2*C]``): the
+    dimension is (block index, units within a block), the block index fixed (which block is
+    structure, as for ``chunk``), the units within a block pass to the result."""
+    part = (a.slots.new(blocks),) if blocks > 1 else ()
+    inner = (a.slots.new(k),) if k > 1 else ()
+    a.slots.fix(part)
+    a.unify(dim, part + inner, c)
+    return inner
+
+
+def _index_rows(a: _Analysis, c: _Call, x: _T, items):
+    """``x[idx]`` with one integer index tensor (a gather of rows, e.g. a relative position
+    bias table read at a buffer of positions): rows are picked by value, so x's first
+    dimension is fixed (silently: like an embedding's vocabulary, it is addressed, not
+    mixed); the result has the index's dimensions, then x's remaining ones."""
+    idx, info = items[0], c.ia[1]
+    if (len(items) != 1 or not isinstance(idx, Tensor) or idx.dtype in (torch.bool, torch.uint8)
+            or idx.is_floating_point() or not isinstance(info, _T)):
+        raise _Unsupported("advanced indexing")
+    a.slots.fix(x.dims[0])
+    return _T(info.dims + x.dims[1:], tuple(c.value.shape))
+
+
+def r_roll(a: _Analysis, c: _Call):
+    """A cyclic shift (``torch.roll``): the rolled dimensions are positions, fixed; the
+    others pass."""
+    x = _x(c)
+    dims = c.bind(["input", "shifts", "dims"]).get("dims", (None,))[0]
+    if dims is None or dims == ():
+        raise _Unsupported("roll of the flattened tensor")
+    for d in (dims,) if isinstance(dims, int) else dims:
+        a.slots.fix(x.dims[_norm_dim(d, len(x.shape))], f"rolled by {c.where}")
+    return _T(x.dims, tuple(c.value.shape))
+
+
+def r_patch_merging_pad(a: _Analysis, c: _Call):
+    """torchvision Swin's ``_patch_merging_pad`` (kept as one node by ``torch.fx.wrap``):
+    ``(..., H, W, C) -> (..., H/2, W/2, 4*C)``, the 2x2 neighbours of every patch concatenated
+    along channels. Positions are fixed; the channel dimension is (neighbour, C), the
+    neighbour index fixed and C the input's units: all four copies are permuted alike, which
+    a ``(4, C)`` view expresses (the LayerNorm over 4*C and the reduction Linear read it)."""
+    x, shape = _x(c), tuple(c.value.shape)
+    if len(x.shape) < 3 or shape[-1] != 4 * x.shape[-1]:
+        raise _Unsupported("layout")
+    pos = _flat(x.dims[-3:-1])
+    a.slots.fix(pos, f"merged by {c.where}")
+    hw = a.new_fixed(torch.empty(shape[-3:-1]), f"merged by {c.where}", pos).dims
+    four = a.new_fixed(torch.empty(4), None).dims[0]
+    return _T(x.dims[:-3] + hw + (four + x.dims[-1],), shape)
 
 
 def r_matmul(a: _Analysis, c: _Call):
