@@ -25,8 +25,11 @@ spatial or token position mixed by a convolution, pooling or position embedding,
 tap, or when an operation is not known to commute with permutations of it. A fixed slot fixes
 every slot it is tied to. Every ``state_dict`` axis whose slot is not fixed lands in a group;
 a permutation group is never made up: an operation the tracer does not know fixes all of its
-inputs and outputs, with a :class:`SpecWarning` naming it whenever that leaves a group of
-parameters unpermuted that otherwise would have been permuted.
+inputs and outputs. Whenever that leaves parameter axes without any permuted unit, the model
+gets one :class:`SpecWarning`, a summary (:mod:`.summary`): its groups, the share of its
+parameters on a permuted axis, and what stayed unpermuted grouped by reason (counts, places,
+example axes); structural factors of a permuted axis (the q/k/v selector of a packed ``qkv``)
+are not losses and give no warning.
 
 Supported (module, functional and method forms): Linear; Conv1d/2d/3d including grouped and
 depthwise (``groups`` splits the channels into (groups, channels per group); depthwise: the
@@ -45,7 +48,7 @@ one head permutation and one within-head permutation shared by q, k and v, the o
 reading ``(E, H, d)``); embeddings (vocabulary fixed); ``chunk``/``split`` into equal parts
 (the part index is a fixed factor); ``stack``; indexing with full slices.
 
-Conservatively unpermuted, with a warning: concatenation along a permuted dimension (a
+Conservatively unpermuted (and in the summary warning): concatenation along a permuted dimension (a
 consumer would need a block-diagonal permutation of its input axis, which a view cannot
 express), indexing or slicing a permuted dimension, uneven splits, reshapes that cut across
 units, sort/top-k/cumulative ops, reductions returning indices (max/min with ``dim``, argmax),
@@ -67,6 +70,8 @@ Group names are ``P_`` + the name of the module that first creates the units (``
 
 from .equivalence import check_equivalence
 from .slots import EquivalenceError, SpecWarning, TraceError
+from .summary import SpecSummary, permuted_share
 from .tracer import trace_spec
 
-__all__ = ["trace_spec", "check_equivalence", "TraceError", "EquivalenceError", "SpecWarning"]
+__all__ = ["trace_spec", "check_equivalence", "TraceError", "EquivalenceError", "SpecWarning",
+           "SpecSummary", "permuted_share"]

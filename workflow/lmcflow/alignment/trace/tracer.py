@@ -12,6 +12,7 @@ from torch.func import functional_call
 from ..spec import PermutationSpec
 from .analysis import _Analysis
 from .slots import SpecWarning, TraceError
+from .summary import summarize
 from .tables import RULES
 
 
@@ -51,8 +52,9 @@ def trace_spec(model: nn.Module, example_input, warn: bool = True) -> Permutatio
     real tensors, without grad, if an op has no meta kernel).
     Every ``state_dict`` key is in the spec; keys the graph never uses are unpermuted.
     Raises :class:`TraceError` when torch.fx cannot trace the model (data-dependent control
-    flow, ...) or the traced graph fails on the input; warns (:class:`SpecWarning`, one
-    warning per reason) when a rule leaves parameter axes unpermuted.
+    flow, ...) or the traced graph fails on the input; warns once (:class:`SpecWarning`, a
+    summary: groups, the permuted share of the parameters, what stayed unpermuted grouped by
+    reason) when parameter axes lost all their units.
     """
     inputs = _as_tuple(example_input)
     was_training = model.training
@@ -79,8 +81,16 @@ def trace_spec(model: nn.Module, example_input, warn: bool = True) -> Permutatio
         model.train(was_training)
     spec, lost = analysis.build()
     if warn:
-        for reason, where in lost.items():
-            more = f" and {len(where) - 8} more" if len(where) > 8 else ""
-            warnings.warn(f"{type(model).__name__}: {reason}; left unpermuted: "
-                          f"{', '.join(where[:8])}{more}", SpecWarning, stacklevel=2)
+        _warn_summary(model, spec, lost, analysis)
     return spec
+
+
+def _warn_summary(model: nn.Module, spec: PermutationSpec, lost: dict[str, list[str]],
+                  analysis: _Analysis) -> None:
+    """One :class:`SpecWarning` for the model (:func:`summary.summarize`: groups, permuted
+    share of the parameters, what stayed unpermuted grouped by reason), none when nothing
+    that matters stayed unpermuted."""
+    unused = [k for k in analysis.state if analysis.alias[k] not in analysis.params]
+    summary = summarize(model, spec, lost, unused)
+    if summary.lost:
+        warnings.warn(summary.text(), SpecWarning, stacklevel=3)
