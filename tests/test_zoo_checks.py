@@ -302,3 +302,23 @@ def test_the_alignment_job_logs_the_summary_and_the_permuted_share(tmp_path):
     assert "unsupported cumsum at 'cumsum': 3 tensor axes" in lines[0]
     assert lines[1].startswith("permutation spec: 1 groups, 85.1% of the parameters on a "
                                "permuted axis; a random permutation through it keeps the outputs")
+
+
+@pytest.mark.parametrize("arch, kwargs, in_shape, groups", [
+    ("timm:resnet10t", {}, (3, 32, 32), 10),
+    ("timm:vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, (3, 32, 32), 7),
+])
+def test_timm_models_trace_quietly_into_specs_that_keep_the_function(arch, kwargs, in_shape, groups):
+    """timm's ViT splits a packed qkv with unbind (one warning per block before the summary);
+    its ResNet zero-initialises the last BatchNorm of every block (its weight hid wrong axes)."""
+    pytest.importorskip("timm")
+    from lmcflow.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch, in_shape, 10, kwargs=kwargs).eval()
+    spec = quiet_trace(model, torch.zeros(1, *in_shape))
+    assert len(spec.sizes) == groups
+    permuted, total = permuted_share(spec, model)
+    assert total - permuted == 10  # all but the head's bias, whose only axis is the classes
+    assert check_equivalence(model, spec, inputs(2, *in_shape))["max_rel_error"] < 1e-4
+
