@@ -233,16 +233,18 @@ def _perturbed(state: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
         if not t.is_floating_point() or t.numel() == 0:
             out[key] = t
             continue
-        noise = torch.randn(t.shape, generator=gen, dtype=torch.float64)
-        finite = t.double()[torch.isfinite(t)]
-        rms = float(finite.pow(2).mean().sqrt()) if finite.numel() else 0.0
+        noise = torch.randn(t.shape, generator=gen)
+        rms = float(t.float().norm()) / math.sqrt(t.numel())
+        if not math.isfinite(rms):  # NaN or inf entries: the scale of the finite ones
+            finite = t.float()[torch.isfinite(t)]
+            rms = float(finite.norm()) / math.sqrt(finite.numel()) if finite.numel() else 0.0
         if sum(n > 1 for n in t.shape) <= 1:
             scale = max(rms, 1.0)
         else:
             scale = rms if rms > 0 else 1 / math.sqrt(max(t[0].numel(), 1))
         if not bool((t < 0).any()):
-            noise = noise.abs()
-        out[key] = (t.double() + 0.1 * scale * noise.to(t.device)).to(t.dtype)
+            noise = noise.abs_()
+        out[key] = t + noise.mul_(0.1 * scale).to(t.device, t.dtype)
     return out
 
 
