@@ -241,23 +241,26 @@ def _fmt(row: dict) -> str:
 
 
 def summarize(rows: list[dict]) -> str:
+    """Counts (built, traced, equivalent, >= 99 % of the parameters permuted), the models
+    skipped, and every built model below that mark or not equivalent, with why."""
     built = [r for r in rows if r["input"]]
     traced = [r for r in built if r["groups"] != ""]
     ok = [r for r in traced if r["status"] == "ok"]
-    full = [r for r in built if r["permuted_share"] != "" and r["permuted_share"] >= 0.99]
+    full = [r for r in traced if r["permuted_share"] >= 0.99]
     lines = [f"{len(rows)} models: {len(built)} built, {len(traced)} traced, {len(ok)} "
-             f"equivalent; {len(full)} of the {len(built)} built ({100 * len(full) / max(len(built), 1):.0f}%) "
-             "have >= 99% of their parameters on a permuted axis"]
+             f"equivalent; {len(full)} of the {len(built)} built "
+             f"({100 * len(full) / max(len(built), 1):.0f}%) have >= 99% of their parameters "
+             "on a permuted axis"]
     skipped = [r["model"] for r in rows if r["status"].startswith("skipped")]
     if skipped:
         lines.append(f"skipped (too large): {', '.join(skipped)}")
     for r in rows:
-        if r not in ok or r not in full:
-            if r["status"].startswith("skipped"):
-                continue
-            share = "" if r["permuted_share"] == "" else f"{100 * r['permuted_share']:.1f}% permuted; "
-            lines.append(f"  {r['source']}:{r['model']}: {share}{r['status'] if r['status'] != 'ok' else ''}"
-                         f"{'; ' if r['status'] != 'ok' and r['unpermuted'] else ''}{r['unpermuted'][:300]}")
+        if r["status"].startswith("skipped") or (r in ok and r in full):
+            continue
+        parts = [f"{100 * r['permuted_share']:.1f}% permuted"] if r in traced else []
+        parts += [r["status"]] if r["status"] != "ok" else []
+        parts += [r["unpermuted"][:300]] if r["unpermuted"] else []
+        lines.append(f"  {r['source']}:{r['model']}: {'; '.join(parts)}")
     return "\n".join(lines)
 
 
