@@ -120,14 +120,30 @@ def _extra_kwargs(source: str, name: str) -> dict:
 
 
 def _param_count(source: str, name: str) -> int | None:
-    """Parameters of a model without building its weights (meta device), or None."""
+    """Parameters of a model without building its weights, or None: built on the meta device,
+    or, for builders that compute with tensors (RegNet's widths), with every parameter moved
+    to the meta device as it is registered (initialisers then cost nothing)."""
+    factory = external_factory(f"{source}:{name}")
+    kwargs = dict(num_classes=NUM_CLASSES, **_extra_kwargs(source, name))
     try:
         with torch.device("meta"):
-            factory = external_factory(f"{source}:{name}")
-            model = factory(num_classes=NUM_CLASSES, **_extra_kwargs(source, name))
-        return sum(p.numel() for p in model.parameters())
+            return sum(p.numel() for p in factory(**kwargs).parameters())
+    except Exception:
+        pass
+    register = nn.Module.register_parameter
+
+    def to_meta(module, key, param):
+        register(module, key, param)
+        if param is not None:
+            module._parameters[key] = nn.Parameter(param.to("meta"), param.requires_grad)
+
+    nn.Module.register_parameter = to_meta
+    try:
+        return sum(p.numel() for p in factory(**kwargs).parameters())
     except Exception:
         return None
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _short(reasons: str) -> str:
