@@ -224,9 +224,11 @@ def _perturbed(state: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
     constant along a permuted axis (zero-initialised heads and biases, BatchNorm at its
     initial statistics, layer scales of 1e-6) and every tensor the spec permutes matters.
 
-    Noise of 0.1 x a scale per tensor: a vector (one axis longer than 1: biases, norms,
-    layer scales, running statistics) max(rms, 1), anything else its rms, or 1/sqrt(fan-in)
-    where it is all zero. Tensors without negative values (running variances) stay so."""
+    Noise per tensor: a vector (one axis longer than 1: biases, norms, layer scales, running
+    statistics) 0.01 x max(rms, 1), enough to make it matter and small enough not to wake
+    every zero-initialised residual branch of a deep network at once; anything else 0.1 x its
+    rms, or 0.1/sqrt(fan-in) where it is all zero. Tensors without negative values (running
+    variances) stay so."""
     gen = torch.Generator().manual_seed(int(seed) + 7919)
     out = {}
     for key, t in state.items():
@@ -239,12 +241,12 @@ def _perturbed(state: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
             finite = t.float()[torch.isfinite(t)]
             rms = float(finite.norm()) / math.sqrt(finite.numel()) if finite.numel() else 0.0
         if sum(n > 1 for n in t.shape) <= 1:
-            scale = max(rms, 1.0)
+            scale = 0.01 * max(rms, 1.0)
         else:
-            scale = rms if rms > 0 else 1 / math.sqrt(max(t[0].numel(), 1))
+            scale = 0.1 * (rms if rms > 0 else 1 / math.sqrt(max(t[0].numel(), 1)))
         if not bool((t < 0).any()):
             noise = noise.abs_()
-        out[key] = t + noise.mul_(0.1 * scale).to(t.device, t.dtype)
+        out[key] = t + noise.mul_(scale).to(t.device, t.dtype)
     return out
 
 
