@@ -81,14 +81,17 @@ def test_load_yaml_names_a_missing_file(tmp_path):
 
 
 def test_shipped_configs_keep_weights_along_training_where_the_layerwise_analyses_run():
-    """fig7 needs epochs and the training subspace of fig10 the weights along training."""
+    """fig7 needs epochs and the training subspace of fig10 the weights along training (at
+    least three points: the kept ones and the final weights)."""
     for path in [REPO / "config.yaml", *sorted((REPO / "workflow/configs").glob("*.yaml"))]:
         for name, exp in load_yaml(path)["experiments"].items():
             if exp["layerwise"]["enabled"]:  # federated runs keep rounds instead of epochs
-                kept = exp["federated"]["keep_rounds"] if all(
-                    m.startswith("federated_") for m in exp["methods"]) else \
-                    exp["train"]["checkpoint_epochs"]
-                assert len(kept) >= 3, (path.name, name)
+                if all(m.startswith("federated_") for m in exp["methods"]):
+                    fed = exp["federated"]
+                    points = set(fed["keep_rounds"]) | {exp["train"]["epochs"] // fed["local_epochs"]}
+                else:
+                    points = set(exp["train"]["checkpoint_epochs"]) | {exp["train"]["epochs"]}
+                assert len(points) >= 3, (path.name, name)
 
 
 def test_canonical_sorts_every_mapping_and_keeps_lists():
@@ -276,3 +279,31 @@ def test_a_point_may_not_take_the_name_of_another_experiment():
     cfg["experiments"]["r20_width2_seed0"] = {"model": {"arch": "mlp"}}
     with pytest.raises(ConfigError, match="experiments.r20.sweep: its point r20_width2_seed0 is also"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("model, words", [
+    ({"arch": "timm:resnet10"}, ["config key experiments.e.model.arch", "timm has no model "
+                                 "'resnet10'", "did you mean resnet10t"]),
+    ({"arch": "timm:vit_tiny_patch16_224", "kwargs": {"img_sise": 32}},
+     ["config key experiments.e.model.kwargs.img_sise", "did you mean img_size?"]),
+    ({"arch": "timm:resnet10t", "kwargs": {"pretrained": True}},
+     ["config key experiments.e.model.kwargs.pretrained", "takes no argument 'pretrained'"]),
+])
+def test_timm_models_are_checked_at_start_up(model, words):
+    pytest.importorskip("timm")
+    with pytest.raises(ConfigError) as err:
+        validate({"experiments": {"e": {"model": model}}})
+    for word in words:
+        assert word in str(err.value), str(err.value)
+    ok = {"arch": "timm:vit_tiny_patch16_224", "kwargs": {"img_size": 32, "depth": 2}}
+    assert validate({"experiments": {"e": {"model": ok}}})["experiments"]["e"]["model"] == ok
+
+
+def test_timm_is_an_optional_dependency(monkeypatch):
+    """Without timm a timm: model is refused at start-up, saying how to install it."""
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)  # import timm fails
+    with pytest.raises(ConfigError, match=r"experiments\.e\.model\.arch: timm:resnet10t needs the "
+                                          r"optional package timm.*pip install timm"):
+        validate({"experiments": {"e": {"model": {"arch": "timm:resnet10t"}}}})
+    with pytest.raises(ConfigError, match=r"or torchvision:<name>, timm:<name>, python:"):
+        validate({"experiments": {"e": {"model": {"arch": "tim:resnet10t"}}}})

@@ -332,3 +332,29 @@ def test_first_feature_conv1_is_the_stem_conv_before_its_norm_as_the_official_ll
     assert exact["one_minus_cos_ab"].min() > 1e-3
     relu = llfc_batch(feats["a"][stem[0]], feats["b"][stem[0]], feats["mid"][stem[0]], 0.5)
     assert relu["one_minus_cos_alpha"].min() > 1e-6
+
+
+def test_timm_models_are_built_untrained_for_the_dataset():
+    """timm:<name>: num_classes and in_chans from the data, kwargs passed on, never pretrained."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = build_model("timm:resnet10t", (1, 28, 28), 7)
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 7) and net.in_shape == (1, 28, 28)
+    assert feature_layers(net)[0] == "conv1.0" and feature_layers(net)[-1] == "fc"
+    vit = build_model("timm:vit_tiny_patch16_224", (3, 32, 32), 5,
+                      kwargs={"img_size": 32, "depth": 2})
+    assert len(vit.blocks) == 2 and vit(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    with pytest.raises(ValueError, match=r"cannot take a batch.*takes the dataset's in kwargs "
+                                         r"\(img_size\)"):
+        build_model("timm:vit_tiny_patch16_224", (3, 32, 32), 5, kwargs={"depth": 1})
+    with pytest.raises(ValueError, match="untrained"):
+        build_model("timm:resnet10t", (3, 32, 32), 5, kwargs={"pretrained": True})
+    with pytest.raises(ValueError, match="unknown timm model 'resnet10'; did you mean resnet10t"):
+        build_model("timm:resnet10", (3, 32, 32), 5)
+
+
+def test_timm_is_an_optional_dependency(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)  # import timm fails
+    with pytest.raises(ImportError, match="timm:resnet10t needs the optional package timm.*"
+                                          "pip install timm"):
+        build_model("timm:resnet10t", (3, 32, 32), 5)

@@ -290,6 +290,18 @@ def _check_model(where: str, model: dict, builtins: list[str]) -> None:
                               f"{_suggest(name, tvm.list_models())}")
         _check_kwargs(where, model, _torchvision_parameters(tvm.get_model_builder(name)))
         return
+    if kind == "timm" and name:
+        try:
+            import timm
+        except ImportError:
+            from .models import TIMM_MISSING
+
+            raise ConfigError(f"{key}: {arch} {TIMM_MISSING}") from None
+        if not timm.is_model(name):
+            raise ConfigError(f"{key}: timm has no model {name!r}"
+                              f"{_suggest(name, timm.list_models())}")
+        _check_kwargs(where, model, _timm_parameters(timm, name))
+        return
     if kind == "python" and name:
         module, _, attr = name.partition(":")
         origin = python_model_source(model, where)
@@ -304,7 +316,7 @@ def _check_model(where: str, model: dict, builtins: list[str]) -> None:
             _check_kwargs(where, model, _ast_parameters(defs[attr]))
         return
     raise ConfigError(f"{key}: {arch!r} is not one of the built-in models {sorted(builtins)}"
-                      f"{_suggest(arch, builtins)} (or torchvision:<name>, "
+                      f"{_suggest(arch, builtins)} (or torchvision:<name>, timm:<name>, "
                       "python:<module>:<callable>)")
 
 
@@ -388,6 +400,25 @@ def _torchvision_parameters(builder) -> list[str] | None:
     if any(p.kind == p.VAR_KEYWORD for p in init):
         return None
     return [p.name for p in own if p.name != "weights"] + [p.name for p in init if p.name != "self"]
+
+
+def _timm_parameters(timm, name: str) -> list[str] | None:
+    """Keyword arguments a timm model takes: those of the class ``create_model`` returns (built
+    on the meta device: no memory, no weights), without ``pretrained`` (models are built
+    untrained); None (any) when its constructor takes ``**kwargs`` or it cannot be built so."""
+    import inspect
+
+    import torch
+
+    try:
+        with torch.device("meta"):
+            cls = type(timm.create_model(name, pretrained=False))
+    except Exception:
+        return None
+    init = inspect.signature(cls.__init__).parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in init):
+        return None
+    return [p.name for p in init if p.name not in ("self", "pretrained")]
 
 
 def _check_kwargs(where: str, model: dict, accepted: list[str] | None) -> None:

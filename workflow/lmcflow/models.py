@@ -317,7 +317,17 @@ def model_class(arch: str) -> type[nn.Module]:
     return cls
 
 
-EXTERNAL = ("torchvision:", "python:")  # arch prefixes of models that come from elsewhere
+EXTERNAL = ("torchvision:", "timm:", "python:")  # arch prefixes of models from elsewhere
+TIMM_MISSING = "needs the optional package timm, which is not installed: pip install timm"
+
+
+def import_timm(arch: str = "timm:<name>"):
+    """The optional ``timm`` package, or an ImportError that says how to install it."""
+    try:
+        import timm
+    except ImportError as err:
+        raise ImportError(f"{arch} {TIMM_MISSING}") from err
+    return timm
 
 
 def _signature_accepts(fn: Callable, name: str) -> bool:
@@ -326,9 +336,11 @@ def _signature_accepts(fn: Callable, name: str) -> bool:
 
 
 def external_factory(arch: str, path: str | None = None) -> Callable[..., nn.Module]:
-    """The factory of ``torchvision:<name>`` (``torchvision.models.get_model(name)``, untrained)
-    or ``python:<module>:<callable>`` (the module found on sys.path or in the directory ``path``).
-    Errors name what was looked for and suggest close matches."""
+    """The factory of ``torchvision:<name>`` (``torchvision.models.get_model(name)``, untrained),
+    ``timm:<name>`` (``timm.create_model(name, pretrained=False)``: timm is an optional
+    dependency, never asked for weights) or ``python:<module>:<callable>`` (the module found on
+    sys.path or in the directory ``path``). Errors name what was looked for and suggest close
+    matches."""
     kind, _, name = arch.partition(":")
     if kind == "torchvision":
         import torchvision.models as tvm
@@ -338,6 +350,20 @@ def external_factory(arch: str, path: str | None = None) -> Callable[..., nn.Mod
             raise ValueError(f"unknown torchvision model {name!r}" +
                              (f"; did you mean {', '.join(close)}?" if close else ""))
         return lambda **kwargs: tvm.get_model(name, weights=None, **kwargs)
+    if kind == "timm":
+        timm = import_timm(arch)
+        if not name or not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            raise ValueError(f"unknown timm model {name!r}" +
+                             (f"; did you mean {', '.join(close)}?" if close else ""))
+
+        def create(**kwargs):
+            if kwargs.get("pretrained"):
+                raise ValueError(f"{arch}: models are built untrained (pretrained weights would "
+                                 "need the network); drop pretrained from kwargs")
+            kwargs.pop("pretrained", None)
+            return timm.create_model(name, pretrained=False, **kwargs)
+        return create
     if kind == "python":
         module, _, attr = name.partition(":")
         if not module or not attr:
@@ -348,19 +374,23 @@ def external_factory(arch: str, path: str | None = None) -> Callable[..., nn.Mod
         if not callable(factory):
             raise ValueError(f"{module} has no callable {attr!r}")
         return factory
-    raise ValueError(f"unknown model source {kind!r}; use torchvision:<name> or "
+    raise ValueError(f"unknown model source {kind!r}; use torchvision:<name>, timm:<name> or "
                      "python:<module>:<callable>")
 
 
 def _build_external(arch: str, in_shape, num_classes: int, kwargs: dict | None,
                     path: str | None) -> nn.Module:
     """Call the factory with the config's kwargs, plus ``num_classes`` and ``in_shape`` where it
-    accepts them; check that it takes a batch of the dataset's images."""
+    accepts them (timm: ``num_classes`` and ``in_chans``, the images' channels); check that it
+    takes a batch of the dataset's images."""
     factory = external_factory(arch, path)
     kwargs = dict(kwargs or {})
     given = {"num_classes": int(num_classes), "in_shape": tuple(in_shape)}
     if arch.startswith("torchvision:"):  # every classification builder takes num_classes
         accepts = {"num_classes"}
+    elif arch.startswith("timm:"):  # create_model passes both to every model
+        given = {"num_classes": int(num_classes), "in_chans": int(in_shape[0])}
+        accepts = set(given)
     else:
         target = factory.__init__ if isinstance(factory, type) else factory
         accepts = {k for k in given if _signature_accepts(target, k)}
@@ -372,8 +402,10 @@ def _build_external(arch: str, in_shape, num_classes: int, kwargs: dict | None,
         with torch.no_grad():
             out = model.eval()(torch.zeros(2, *in_shape))
     except Exception as err:
+        hint = ("; a model with a fixed input size takes the dataset's in kwargs (img_size)"
+                if arch.startswith("timm:") else "")
         raise ValueError(f"{arch} cannot take a batch of the dataset's images {tuple(in_shape)} "
-                         f"({type(err).__name__}: {err})") from err
+                         f"({type(err).__name__}: {err}){hint}") from err
     if tuple(out.shape) != (2, int(num_classes)):
         raise ValueError(f"{arch} returns outputs of shape {tuple(out.shape[1:])} per image, not "
                          f"({num_classes},) logits of the dataset's classes")

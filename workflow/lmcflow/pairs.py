@@ -23,6 +23,7 @@ naive only by their alignment of B.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -68,16 +69,27 @@ def _aligned(matcher: str) -> Callable:
         import torch
 
         from . import jobs
-        from .alignment import MATCHERS, apply_permutation, check_equivalence, permutation_spec
+        from .alignment import (MATCHERS, SpecWarning, apply_permutation, check_equivalence,
+                                permutation_spec, permuted_share)
 
         model_a, model_b = jobs.build(run_a["spec"], device), jobs.build(run_b["spec"], device)
         model_a.load_state_dict(run_a["model"])
         model_b.load_state_dict(run_b["model"])
-        spec = permutation_spec(model_a)
+        with warnings.catch_warnings(record=True) as caught:  # the tracer's summary: to the log
+            warnings.simplefilter("always", SpecWarning)
+            spec = permutation_spec(model_a)
+        for w in caught:
+            if issubclass(w.category, SpecWarning):
+                log(f"warning: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         example = torch.randn(4, *model_a.in_shape, generator=torch.Generator().manual_seed(0))
         check = check_equivalence(model_a, spec, example.to(device))
-        log(f"permutation spec: {len(spec.groups)} groups; a random permutation through it keeps "
-            f"the outputs (max relative change {check['max_rel_error']:.1e})")
+        permuted, total = permuted_share(spec, model_a)
+        log(f"permutation spec: {len(spec.groups)} groups, {100 * permuted / max(total, 1):.1f}% "
+            f"of the parameters on a permuted axis; a random permutation through it keeps the "
+            f"outputs, also on a perturbed copy of the weights (max relative change "
+            f"{check['max_rel_error']:.1e})")
         data = lambda: jobs.load_dataset(**setting["data"])  # noqa: E731
         perm, info = MATCHERS[matcher].match(spec, model_a, model_b, setting["matching"], data,
                                              device, log)

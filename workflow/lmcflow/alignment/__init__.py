@@ -20,12 +20,13 @@ from .builders import permutation_spec
 from .methods import MATCHERS, Matcher
 from .spec import (PermutationSpec, apply_permutation, identity_permutation, invert_permutation,
                    random_permutation)
-from .trace import EquivalenceError, SpecWarning, TraceError, check_equivalence, trace_spec
+from .trace import (EquivalenceError, SpecWarning, TraceError, check_equivalence, permuted_share,
+                    trace_spec)
 from .weight import matching_objective, weight_matching
 
 __all__ = [
     "PermutationSpec", "apply_permutation", "identity_permutation", "invert_permutation",
     "random_permutation", "permutation_spec", "trace_spec", "check_equivalence", "TraceError",
-    "EquivalenceError", "SpecWarning", "weight_matching", "matching_objective",
+    "EquivalenceError", "SpecWarning", "permuted_share", "weight_matching", "matching_objective",
     "activation_matching", "feature_modules", "MATCHERS", "Matcher",
 ]

@@ -30,8 +30,11 @@ spatial or token position mixed by a convolution, pooling or position embedding,
 tap, or when an operation is not known to commute with permutations of it. A fixed slot fixes
 every slot it is tied to. Every ``state_dict`` axis whose slot is not fixed lands in a group;
 a permutation group is never made up: an operation the tracer does not know fixes all of its
-inputs and outputs, with a :class:`SpecWarning` naming it whenever that leaves a group of
-parameters unpermuted that otherwise would have been permuted.
+inputs and outputs. Whenever that leaves parameter axes without any permuted unit, the model
+gets one :class:`SpecWarning`, a summary (:mod:`.summary`): its groups, the share of its
+parameters on a permuted axis, and what stayed unpermuted grouped by reason (counts, places,
+example axes); structural factors of a permuted axis (the q/k/v selector of a packed ``qkv``)
+are not losses and give no warning.
 
 Supported (module, functional and method forms): Linear; Conv1d/2d/3d including grouped and
 depthwise (``groups`` splits the channels into (groups, channels per group); depthwise: the
@@ -68,7 +71,7 @@ torch call of its body to the same rules; so is a submodule that ``symbolic_trac
 trace, kept as a leaf (:mod:`.fallback`), and the model's own forward where fx fails outside
 any submodule. A body that reads tensor values (``bool``, ``item``...) is unknown instead.
 
-Conservatively unpermuted, with a warning: indexing or slicing a permuted dimension other
+Conservatively unpermuted (and named in the one summary warning per model): indexing or slicing a permuted dimension other
 than whole parts of a concatenation (only the parts the slice touches), the row index of a
 concatenation read as rows where it leaves an axis without a group (the stream of a channel
 shuffle), reshapes that cut across units, sort/top-k/cumulative ops, reductions returning
@@ -93,6 +96,8 @@ Group names are ``P_`` + the name of the module that first creates the units (``
 
 from .equivalence import check_equivalence
 from .slots import EquivalenceError, SpecWarning, TraceError
+from .summary import SpecSummary, permuted_share
 from .tracer import trace_spec
 
-__all__ = ["trace_spec", "check_equivalence", "TraceError", "EquivalenceError", "SpecWarning"]
+__all__ = ["trace_spec", "check_equivalence", "TraceError", "EquivalenceError", "SpecWarning",
+           "SpecSummary", "permuted_share"]

@@ -38,7 +38,9 @@ def _out_tensors(out) -> list[Tensor]:
 
 
 def _rel_error(a, b) -> float:
-    """max |b - a| / max |a| over the tensors of two outputs of the same structure."""
+    """max |b - a| / max |a| over the tensors of two outputs of the same structure; inf where
+    either holds a NaN or an infinity (NaN compares false with everything, so a plain max
+    would report 0)."""
     ta, tb = _out_tensors(a), _out_tensors(b)
     if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
         return float("inf")
@@ -47,6 +49,8 @@ def _rel_error(a, b) -> float:
         if x.numel() == 0:
             continue
         x, y = x.double(), y.double()
+        if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+            return float("inf")
         err = max(err, float((y - x).abs().max()) / max(float(x.abs().max()), 1e-12))
     return err
 
@@ -172,7 +176,7 @@ def _first_disagreement(model, spec, perm, state, inputs, rtol, call):
 
     handles = [m.register_forward_hook(hook(n)) for n, m in hooked]
     try:
-        model(*inputs)
+        call(state)
         run[0] = 1
         call(apply_permutation(spec, perm, state))
     finally:
@@ -234,15 +238,96 @@ def _fix_for_group(spec, group, perm, breaks, near, modules) -> tuple[str, int, 
     return None
 
 
+def _perturbed(state: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
+    """A copy of ``state`` with seeded noise on every floating tensor, so that no tensor is
+    constant along a permuted axis (zero-initialised heads and biases, BatchNorm at its
+    initial statistics, layer scales of 1e-6) and every tensor the spec permutes matters.
+
+    Noise per tensor: a vector (one axis longer than 1: biases, norms, layer scales, running
+    statistics) 0.01 x max(rms, 1), enough to make it matter and small enough not to wake
+    every zero-initialised residual branch of a deep network at once; anything else 0.1 x its
+    rms, or 0.1/sqrt(fan-in) where it is all zero. Tensors without negative values (running
+    variances) stay so."""
+    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    out = {}
+    for key, t in state.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            out[key] = t
+            continue
+        noise = torch.randn(t.shape, generator=gen)
+        rms = float(t.float().norm()) / math.sqrt(t.numel())
+        if not math.isfinite(rms):  # NaN or inf entries: the scale of the finite ones
+            finite = t.float()[torch.isfinite(t)]
+            rms = float(finite.norm()) / math.sqrt(finite.numel()) if finite.numel() else 0.0
+        if sum(n > 1 for n in t.shape) <= 1:
+            scale = 0.01 * max(rms, 1.0)
+        else:
+            scale = 0.1 * (rms if rms > 0 else 1 / math.sqrt(max(t[0].numel(), 1)))
+        if not bool((t < 0).any()):
+            noise = noise.abs_()
+        out[key] = t + noise.mul_(scale).to(t.device, t.dtype)
+    return out
+
+
+def _nonfinite(out) -> str | None:
+    """"n NaN and m infinite values" in the tensors of ``out``, or None if all are finite."""
+    ts = _out_tensors(out)
+    nan = sum(int(torch.isnan(t).sum()) for t in ts if t.is_floating_point())
+    inf = sum(int(torch.isinf(t).sum()) for t in ts if t.is_floating_point())
+    return f"{nan} NaN and {inf} infinite values" if nan or inf else None
+
+
+def _blind(out, inputs: tuple) -> str | None:
+    """Why outputs ``out`` of the model on ``inputs`` cannot show a wrong permutation: all
+    zero, or the same for every sample of a batch of distinct inputs; None if they can."""
+    ts = [t for t in _out_tensors(out) if t.numel()]
+    if not ts:
+        return "it returns no tensor"
+    if not any(bool(t.any()) for t in ts):
+        return "its outputs are all zero"
+    x = inputs[0] if inputs else None
+    if isinstance(x, Tensor) and x.ndim >= 1 and len(x) >= 2 and not bool((x == x[:1]).all()):
+        batched = [t for t in ts if t.ndim >= 1 and len(t) == len(x)]
+        if batched and all(bool((t == t[:1]).all()) for t in batched):
+            return "its outputs are the same for every sample of the example input"
+    return None
+
+
+def _float64_error(model, spec, perm, state, inputs) -> float:
+    """The check's error recomputed in float64 (inf where the model cannot run so): a deep
+    network whose activations grow large (a perturbed copy without the zero-initialised
+    residual branches of its init) can exceed rtol by float32 rounding alone, as summation
+    orders change with the permutation; a wrong axis errs in float64 too."""
+    dbl = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    xs = tuple(x.double() if isinstance(x, Tensor) and x.is_floating_point() else x
+               for x in inputs)
+    try:
+        call = _caller(model, xs)
+        return _rel_error(call(dbl), call(apply_permutation(spec, perm, dbl)))
+    except Exception:  # e.g. float32 constants made inside forward
+        return float("inf")
+
+
 @torch.no_grad()
 def check_equivalence(model: nn.Module, spec: PermutationSpec, example_input, seed: int = 0,
-                      rtol: float = 1e-4) -> dict:
+                      rtol: float = 1e-4, perturb: bool = True) -> dict:
     """Check that a seeded random permutation applied through ``spec`` keeps the outputs.
 
     The permutation is drawn per group (sorted order, generator seeded with ``seed``, redrawn
     until it is not the identity), applied with :func:`lmcflow.alignment.spec.apply_permutation`
     and run with ``torch.func.functional_call`` in eval mode on ``example_input``. Outputs
-    agree when ``max |out' - out| <= rtol * max |out|`` (every output tensor).
+    agree when ``max |out' - out| <= rtol * max |out|`` (every output tensor), in float64
+    where float32 rounding alone exceeds rtol (:func:`_float64_error`); NaN or infinite
+    outputs never agree.
+
+    The check runs on the model's own weights and then (``perturb``) on a seeded copy with
+    small noise on every floating tensor (:func:`_perturbed`): at its own weights a model may
+    not depend on some permuted tensors at all (a zero-initialised classification head makes
+    every output its bias; a zero bias or BatchNorm's initial statistics are the same in any
+    order), and a wrong axis there would pass unseen. It raises :class:`EquivalenceError`
+    (``key`` None) when it cannot check: the model's outputs on the example input are NaN or
+    infinite, or, on the last weights checked, all zero or the same for every sample of a
+    batch of distinct inputs.
 
     On failure raises :class:`EquivalenceError` naming the culprit tensor (``.key``):
 
@@ -256,44 +341,69 @@ def check_equivalence(model: nn.Module, spec: PermutationSpec, example_input, se
        failing that, the module's tensor that disagrees with the others on its output units,
        or its weight.
 
-    Returns ``{"max_rel_error", "groups", "seed"}``.
+    Returns ``{"max_rel_error", "groups", "seed", "perturbed"}`` (the largest error over the
+    weights checked; whether the perturbed copy was checked too).
     """
     inputs = _as_tuple(example_input)
     state = model.state_dict()
     spec.check_state(state)
     perm = _nontrivial_permutation(spec, seed)
     call = _caller(model, inputs)
+    name = type(model).__name__
     was_training = model.training
     model.eval()
+    errors = []
     try:
-        ref = model(*inputs)
-
-        def breaks(sub_spec, sub_perm) -> bool:
-            return _rel_error(ref, call(apply_permutation(sub_spec, sub_perm, state))) > rtol
-
-        err = _rel_error(ref, call(apply_permutation(spec, perm, state)))
-        if err <= rtol:
-            return {"max_rel_error": err, "groups": len(perm), "seed": int(seed)}
-        order = {k: i for i, k in enumerate(state)}
-        groups = sorted(spec.groups, key=lambda g: min(order[k] for k, _ in spec.groups[g]))
-        group = next((g for g in groups if breaks(spec, {g: perm[g]})), None)
-        found = _first_disagreement(model, spec, {group: perm[group]} if group else perm,
-                                    state, inputs, rtol, call)
-        fix = None
-        if group is not None:
-            modules = dict(model.named_modules())
-            owners = [n for n, m in modules.items() if _module_keys(n, m, spec)]
-            if found:  # M, the modules called just before it, then its ancestors (they own
-                # tensors used directly in their forward, e.g. a position embedding)
-                near = [found[0]] + found[3][:8] + [
-                    n for n in owners if n == "" or found[0].startswith(n + ".")][::-1]
-            else:
-                near = owners
-            fix = _fix_for_group(spec, group, perm, breaks, near, modules)
+        runs = [("", state)] + ([(" (on a perturbed copy of its weights)",
+                                  _perturbed(state, seed))] if perturb else [])
+        for label, weights in runs:
+            ref = call(weights)
+            bad = _nonfinite(ref)
+            if bad:
+                raise EquivalenceError(f"cannot check the spec of {name}: its outputs on the "
+                                       f"example input{label} hold {bad}")
+            err = _rel_error(ref, call(apply_permutation(spec, perm, weights)))
+            if err > rtol and not math.isinf(err):  # rounding, or a wrong axis?
+                err = min(err, _float64_error(model, spec, perm, weights, inputs))
+            if err > rtol:
+                _diagnose(model, spec, perm, weights, ref, inputs, rtol, call, err, label)
+            errors.append(err)
+        blind = _blind(ref, inputs)
+        if blind:
+            raise EquivalenceError(f"cannot check the spec of {name}: {blind}{label}, so no "
+                                   "permutation can change them")
     finally:
         model.train(was_training)
-    head = (f"permuting {type(model).__name__} by the spec changes its outputs (max relative "
-            f"error {err:.3g} > rtol {rtol:g})")
+    return {"max_rel_error": max(errors), "groups": len(perm), "seed": int(seed),
+            "perturbed": bool(perturb)}
+
+
+def _diagnose(model, spec, perm, state, ref, inputs, rtol, call, err, label) -> None:
+    """Raise the :class:`EquivalenceError` of a failed check (steps 1-3 of check_equivalence)
+    on the weights ``state`` whose outputs are ``ref``."""
+
+    def breaks(sub_spec, sub_perm) -> bool:
+        return _rel_error(ref, call(apply_permutation(sub_spec, sub_perm, state))) > rtol
+
+    order = {k: i for i, k in enumerate(state)}
+    groups = sorted(spec.groups, key=lambda g: min(order[k] for k, _ in spec.groups[g]))
+    group = next((g for g in groups if breaks(spec, {g: perm[g]})), None)
+    found = _first_disagreement(model, spec, {group: perm[group]} if group else perm,
+                                state, inputs, rtol, call)
+    fix = None
+    if group is not None:
+        modules = dict(model.named_modules())
+        owners = [n for n, m in modules.items() if _module_keys(n, m, spec)]
+        if found:  # M, the modules called just before it, then its ancestors (they own
+            # tensors used directly in their forward, e.g. a position embedding)
+            near = [found[0]] + found[3][:8] + [
+                n for n in owners if n == "" or found[0].startswith(n + ".")][::-1]
+        else:
+            near = owners
+        fix = _fix_for_group(spec, group, perm, breaks, near, modules)
+    change = ("makes its outputs NaN or infinite" if math.isinf(err) else
+              f"changes its outputs (max relative error {err:.3g} > rtol {rtol:g})")
+    head = f"permuting {type(model).__name__} by the spec {change}{label}"
     if group is not None:
         entries = ", ".join(f"{k}[{a}]" for k, a in spec.groups[group][:6])
         more = ", ..." if len(spec.groups[group]) > 6 else ""

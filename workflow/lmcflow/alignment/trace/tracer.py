@@ -14,6 +14,7 @@ from ..spec import PermutationSpec
 from .analysis import _Analysis
 from .fallback import ROOT, symbolic_trace_with_leaves, whole_model_graph
 from .slots import SpecWarning, TraceError
+from .summary import summarize
 from .tables import RULES
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,9 @@ def trace_spec(model: nn.Module, example_input, warn: bool = True) -> Permutatio
     :mod:`.through`); one that reads tensor values stays unpermuted with its inputs and
     outputs, with a warning saying why; so is the model's own forward, as a whole, where fx
     fails outside any submodule. Raises :class:`TraceError` when that forward reads tensor
-    values, or the traced graph fails on the input; warns (:class:`SpecWarning`, one
-    warning per reason) when a rule leaves parameter axes unpermuted.
+    values, or the traced graph fails on the input; warns once (:class:`SpecWarning`, a
+    summary: groups, the permuted share of the parameters, what stayed unpermuted grouped by
+    reason) when parameter axes lost all their units.
     """
     inputs = _as_tuple(example_input)
     was_training = model.training
@@ -102,8 +104,16 @@ def trace_spec(model: nn.Module, example_input, warn: bool = True) -> Permutatio
                          f"{analysis.opaque[ROOT]}") from untraceable.__cause__
     spec, lost = analysis.build()
     if warn:
-        for reason, where in lost.items():
-            more = f" and {len(where) - 8} more" if len(where) > 8 else ""
-            warnings.warn(f"{type(model).__name__}: {reason}; left unpermuted: "
-                          f"{', '.join(where[:8])}{more}", SpecWarning, stacklevel=2)
+        _warn_summary(model, spec, lost, analysis)
     return spec
+
+
+def _warn_summary(model: nn.Module, spec: PermutationSpec, lost: dict[str, list[str]],
+                  analysis: _Analysis) -> None:
+    """One :class:`SpecWarning` for the model (:func:`summary.summarize`: groups, permuted
+    share of the parameters, what stayed unpermuted grouped by reason), none when nothing
+    that matters stayed unpermuted."""
+    unused = [k for k in analysis.state if analysis.alias[k] not in analysis.params]
+    summary = summarize(model, spec, lost, unused)
+    if summary.lost:
+        warnings.warn(summary.text(), SpecWarning, stacklevel=3)
