@@ -27,13 +27,29 @@ g permutes a layer's output rows, J_ℓ is linear in R (a row permutation keeps 
 ``J_ℓ = const − 2⟨R, (W_A S)·W_B'ᵀ⟩``. Where g permutes a layer's input, J_ℓ is quadratic
 in R (it moves W_B' and H_B' together); its linearisation at R = I has gradient
 ``−2[W_Aᵀ V (Σ_AB' − Σ_BB') + (Σ_AA − Σ_AB') Vᵀ W_B']`` (summed over the input's other
-factors, e.g. the kernel taps). One linear assignment minimises the sum of these gradients
-over every layer g touches; the step is kept only if J, recomputed exactly in float64 from
-the moments over those layers, decreases. A rejected step is retried one cycle of R at a time
-(cycles in the order of their linear gain, each kept only if J decreases). Groups are visited
-in a seeded random order; a group is tried again only after a group sharing a layer with it
-changed (or it changed itself: its linearisation moved); stop after a sweep without a kept
-step. J never increases.
+factors, e.g. the kernel taps). The linearisation alone overshoots far from a minimum, so a
+proximal term makes it a majoriser: with E = V X affine in R̃ (R̃ = R on the input's units),
+``‖W_A Δ H_B'‖² + ‖W_B' Δᵀ H_A‖²`` (Δ = R̃ − I) bounds the quadratic part and is at most
+``‖W_A‖₂² ‖Δ H_B'‖² + ‖W_B'‖₂² ‖Δᵀ H_A‖²``, which on permutations is linear in R
+(``‖(R̃ − I) H‖² = 2‖H‖² − 2⟨R̃, H Hᵀ⟩``); hence ``⟨G + λ·prox, R⟩`` with
+``prox = −4(‖W_A‖₂² Σ_BB' + ‖W_B'‖₂² Σ_AA)`` (block sums) bounds J from above for λ = 1
+and equals it at R = I, so its assignment never increases J (majorisation-minimisation).
+Each step solves the assignment for λ in ``steps_prox`` (default 0, 1/16, 1/4, 1: from the
+plain linearisation to the majoriser) and keeps the candidate with the lowest J, recomputed
+exactly in float64 from the moments over the layers g touches, if it is lower than now. When
+none is, the λ = 0 step is retried one cycle at a time (cycles in the order of their linear
+gain, at most ``max_cycles``, each kept only if J decreases). Groups are visited in a seeded
+random order; a group is tried again only after a group sharing a layer with it changed (or
+it changed itself: its linear model moved); stop after a sweep without a kept step. J never
+increases.
+
+Where it fails: this is a local search on a product objective. A planted permutation (B a
+permuted copy of A, J = 0 at the truth) is recovered from the identity on a ResNet-20 and on
+an 8-wide MLP, but not on 16- or 32-wide MLPs (tests and report of issue 20): there an
+upstream group that is right makes X = 0 and silences the exactly linear output side of the
+next layer, leaving only the quadratic input side, and the classifier sees the last group only
+through its rank (the number of classes). The pair methods start from weight or activation
+matching instead, and the descent lowers J from there.
 
 Groups on no objective layer (a traced spec's attention-head factors inside a fused
 projection, or a layer the moments cannot be read from: called more than once, a grouped
@@ -79,6 +95,8 @@ class _Layer:
     saa: Tensor
     sab: Tensor
     sbb: Tensor
+    norm_a: float = 0.0  # ‖W_A‖₂², ‖W_B‖₂² (spectral norms, for the majoriser)
+    norm_b: float = 0.0
 
     @property
     def groups(self) -> set[str]:
@@ -148,7 +166,9 @@ def _moments(model_a, model_b, spec, layers, x_all, normalize, batch_size, devic
         wa = model_a.state_dict()[key].to(device, torch.float64).reshape(-1, d)
         wb = model_b.state_dict()[key].to(device, torch.float64).reshape(-1, d)
         out.append(_Layer(name, key, spec.axes[key], split, tuple(view[:split]),
-                          tuple(view[split:]), wa, wb, z(), z(), z()))
+                          tuple(view[split:]), wa, wb, z(), z(), z(),
+                          float(torch.linalg.matrix_norm(wa, ord=2)) ** 2,
+                          float(torch.linalg.matrix_norm(wb, ord=2)) ** 2))
     names = [layer.module for layer in out]
     for i, start in enumerate(range(0, len(x_all), batch_size), start=1):
         x = normalize(x_all[start:start + batch_size].to(device))
@@ -206,13 +226,25 @@ def _pair(u: Tensor, w: Tensor, view: tuple[int, ...], axis: int) -> Tensor:
     return u @ w.T
 
 
-def _gradient(layer: _Layer, perm: Mapping[str, Tensor], group: str) -> Tensor:
-    """Gradient of J_ℓ with respect to a relative permutation R of ``group`` at R = I
-    (n × n): exact linear coefficients on output axes, the linearisation on input axes."""
+def _diag_blocks(m: Tensor, view: tuple[int, ...], axis: int) -> Tensor:
+    """``G[c, c'] = Σ_rest m[(.., c, ..), (.., c', ..)]`` for a square ``m`` over ``view``."""
+    n = view[axis]
+    m = m.reshape(*view, *view).movedim((axis, len(view) + axis), (0, len(view)))
+    rest = math.prod(view) // n
+    return m.reshape(n, rest, n, rest).diagonal(dim1=1, dim2=3).sum(-1)
+
+
+def _gradient(layer: _Layer, perm: Mapping[str, Tensor], group: str) -> tuple[Tensor, Tensor]:
+    """Linear model of J_ℓ in a relative permutation R of ``group`` (n × n each): the
+    gradient at R = I (exact linear coefficients on output axes, the linearisation on input
+    axes) and, on input axes, the proximal term of a majoriser (see :func:`commutativity_matching`);
+    ``⟨gradient + prox, R⟩`` plus a constant bounds J_ℓ from above on permutations and equals
+    it at R = I."""
     wb, sab, sbb = _primed(layer, perm)
     v = layer.wa - wb
-    grad = torch.zeros(perm[group].numel(), perm[group].numel(), dtype=torch.float64,
-                       device=layer.wa.device)
+    n = perm[group].numel()
+    grad = torch.zeros(n, n, dtype=torch.float64, device=layer.wa.device)
+    prox = torch.zeros_like(grad)
     for axis, g in enumerate(layer.axes):
         if g != group:
             continue
@@ -224,7 +256,9 @@ def _gradient(layer: _Layer, perm: Mapping[str, Tensor], group: str) -> Tensor:
             z = v @ (sab - sbb)
             yt = v @ (layer.saa - sab.T)
             grad -= 2 * (_pair(layer.wa, z, layer.in_view, a) + _pair(yt, wb, layer.in_view, a))
-    return grad
+            prox -= 4 * (layer.norm_a * _diag_blocks(sbb, layer.in_view, a)
+                         + layer.norm_b * _diag_blocks(layer.saa, layer.in_view, a))
+    return grad, prox
 
 
 def _cycles(r: np.ndarray) -> list[np.ndarray]:
@@ -246,7 +280,8 @@ def _cycles(r: np.ndarray) -> list[np.ndarray]:
 def commutativity_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, data,
                            num_batches: int, batch_size: int,
                            start: Mapping[str, Tensor] | None = None, max_sweeps: int = 100,
-                           seed: int = 0, max_cycles: int = 8, device="cpu",
+                           seed: int = 0, max_cycles: int = 8,
+                           steps_prox: tuple[float, ...] = (0.0, 0.0625, 0.25, 1.0), device="cpu",
                            log: Callable[[str], None] | None = None
                            ) -> tuple[dict[str, Tensor], dict]:
     """Permutation of B minimising the commutativity residual J (module docstring).
@@ -255,13 +290,16 @@ def commutativity_matching(model_a: nn.Module, model_b: nn.Module, spec: Permuta
     afterwards) on ``num_batches * batch_size`` training images in the seeded order
     ``data.sample_order(n, seed)``, normalised with ``data.normalize``. ``start`` (default:
     the identity) is the permutation the descent starts from (weight or activation matching in
-    the pair methods); ``seed`` also orders the groups of each sweep. A rejected linearised
-    step is retried cycle by cycle, at most ``max_cycles`` cycles (largest linear gain first).
+    the pair methods); ``seed`` also orders the groups of each sweep. ``steps_prox``: the
+    weights λ of the proximal term tried at each step (1 = the majoriser); a step none of
+    whose candidates lowers J is retried cycle by cycle, at most ``max_cycles`` cycles.
+    With ``max_sweeps=0`` it only evaluates J at ``start`` (``info["objective"]``).
 
     Returns ``(perm, info)`` with perm as :func:`weight_matching` (``apply_permutation(spec,
     perm, state_b)`` is the aligned B) and ``info = {"objective": final J, "start_objective": J
     at ``start``, "sweeps", "history": J at the start and after each sweep, "steps": kept
-    steps (full / by cycle), "rejected": linearised steps that did not decrease J,
+    steps (whole assignments / single cycles), "rejected": steps none of whose candidates
+    decreased J,
     "layers": objective layers, "skipped": left-out modules with reasons, "unmatched": groups
     on no objective layer, "per_layer": final J per layer, "samples", "seconds",
     "seconds_moments"}``.
@@ -327,19 +365,32 @@ def commutativity_matching(model_a: nn.Module, model_b: nn.Module, spec: Permuta
             if group not in dirty:
                 continue
             dirty.discard(group)
-            grad = sum(_gradient(layers[i], dev, group) for i in touching[group])
-            c = grad.cpu().numpy()
-            _, r = linear_sum_assignment(c)
-            diag = np.diag(c)
-            if not c[np.arange(len(r)), r].sum() < diag.sum():  # no predicted decrease
+            grad, prox = (sum(t) for t in zip(*(_gradient(layers[i], dev, group)
+                                                 for i in touching[group])))
+            current, best, c, r = dev[group], None, None, None
+            tried = set()
+            for weight in steps_prox:  # 0: the linearisation; 1: the majoriser (never worse)
+                cc = (grad + weight * prox).cpu().numpy()
+                _, rr = linear_sum_assignment(cc)
+                if not cc[np.arange(len(rr)), rr].sum() < np.trace(cc):  # no predicted decrease
+                    continue
+                if c is None:
+                    c, r = cc, rr
+                if tuple(rr) in tried:
+                    continue
+                tried.add(tuple(rr))
+                candidate = current[torch.from_numpy(rr).to(device)]
+                found = trial(group, candidate)
+                if found is not None and (best is None or found[0] < best[1][0]):
+                    best = (candidate, found)
+            if c is None:
                 continue
-            current = dev[group]
-            full = trial(group, current[torch.from_numpy(r).to(device)])
-            if full is not None:
-                keep(group, current[torch.from_numpy(r).to(device)], full[1])
+            if best is not None:
+                keep(group, best[0], best[1][1])
                 steps["full"] += 1
                 changed += 1
                 continue
+            diag = np.diag(c)
             rejected += 1
             # retry one cycle of R at a time, largest linear gain (decrease) first
             gains = [(float(c[cy, r[cy]].sum() - diag[cy].sum()), i, cy)
