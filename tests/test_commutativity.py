@@ -149,3 +149,39 @@ def test_registry_starts_from_weight_matching_and_lowers_its_residual(tiny_data)
     assert info["objective"] < info["start_objective"]
     assert "commutativity_matching" in PERMUTATION_METHODS
     assert METHODS["commutativity_matching"].endpoints(0, 1) == METHODS["weight_matching"].endpoints(0, 1)
+
+
+@pytest.mark.parametrize("arch,kwargs", [("mlp", {"width": 16, "depth": 2}), RESNET],
+                         ids=["mlp", "resnet20"])
+def test_linear_model_of_a_step_is_exact_on_rows_and_bounds_on_inputs(arch, kwargs, tiny_data):
+    """Per layer and group, against J_ℓ at random relative permutations R of the group: where
+    the group permutes the layer's output rows, J_ℓ(R) − J_ℓ(I) = ⟨G, R − I⟩ exactly; where
+    it permutes the layer's input, ⟨G + prox, R − I⟩ bounds it from above (the majoriser)."""
+    from lmcflow.alignment import commutativity as c
+
+    a, b = model(arch, kwargs, seed=0), model(arch, kwargs, seed=1)
+    spec = permutation_spec(a)
+    x = tiny_data.train_x[:32]
+    layers = c._moments(a, b, spec, c._objective_layers(a, spec, None)[0], x,
+                        tiny_data.normalize, 32, "cpu", None)
+    perm = tm.nontrivial_permutation(spec, seed=7)
+    gen = torch.Generator().manual_seed(0)
+    rows = inputs = 0
+    for layer in layers:
+        j0 = c._layer_objective(layer, perm)
+        tol = 1e-9 * (j0 + layer.norm_a * float(layer.saa.trace()))  # rounding of the terms
+        for g in sorted(layer.groups):
+            grad, prox = c._gradient(layer, perm, g)
+            n = len(perm[g])
+            on_rows = g in layer.axes[:layer.split]
+            model_ = grad if on_rows else grad + prox
+            for _ in range(10):
+                r = torch.randperm(n, generator=gen)
+                j = c._layer_objective(layer, dict(perm, **{g: perm[g][r]}))
+                change = float(model_[torch.arange(n), r].sum() - model_.trace())
+                if on_rows:
+                    assert j - j0 == pytest.approx(change, rel=1e-9, abs=tol), (layer.module, g)
+                else:
+                    assert j - j0 <= change + tol, (layer.module, g)
+            rows, inputs = rows + on_rows, inputs + (not on_rows)
+    assert rows and inputs
