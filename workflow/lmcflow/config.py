@@ -435,11 +435,12 @@ def _check_experiment(name: str, exp: dict, builtins: list[str] = ()) -> None:
     where = f"experiments.{name}"
     _check_model(where, exp["model"], list(builtins))
     if "runs" in exp:
-        trained = sorted(set(exp["methods"]) - {"naive", "weight_matching", "activation_matching"})
+        trained = sorted(set(exp["methods"]) - {"naive", "weight_matching", "activation_matching",
+                                                 "commutativity_matching"})
         if trained:
             raise ConfigError(f"config key {where}.methods: {trained} need runs the workflow trains; "
                               "with runs: (your own checkpoints) use naive, weight_matching, "
-                              "activation_matching")
+                              "activation_matching, commutativity_matching")
         if exp["pairs"] != 1:
             raise ConfigError(f"config key {where}.pairs: runs: names one pair, set pairs: 1")
     if "spawning" in exp["methods"] and not exp["spawn_epoch"] < train["epochs"]:

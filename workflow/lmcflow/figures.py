@@ -16,8 +16,8 @@ more than two decades get a symlog axis — linear below a threshold named in th
 exact zeros show as 0 instead of being clipped. Fonts are at least 8 pt at the final size.
 
 Convention: θ_α = α·θ_A + (1−α)·θ_B, so α = 1 is model A. Methods are shown in the order
-naive, spawning, weight_matching, activation_matching (others after, sorted), each with the
-same colour in every figure; layers in the order of ``layer_index``.
+naive, spawning, weight_matching, activation_matching, commutativity_matching (others after,
+sorted), each with the same colour in every figure; layers in the order of ``layer_index``.
 """
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ PNG_DPI = 120
 NUMERICAL_ZERO = 1e-6  # a value this small relative to the largest one in a panel is a zero
 
 ALPHA_LABEL = "α (0 = model B, 1 = model A)"
-METHOD_ORDER = ("naive", "spawning", "weight_matching", "activation_matching")
+METHOD_ORDER = ("naive", "spawning", "weight_matching", "activation_matching",
+                "commutativity_matching")
 ALL_LAYERS = "(all)"  # layer name of the full-model rows in the layer-wise tables
 BN_LABELS = {"none": "plain (no BatchNorm)", "reset": "BN statistics reset",
              "repair": "REPAIR (units rescaled)",

@@ -16,9 +16,9 @@ run's file lies under results/{experiment}/): `federated_<aggregation>` pairs cl
 `federated_global_<aggregation>` the global model (A) with client 0 (B), at the last round and,
 along training, at the kept rounds.
 Pair p of an experiment with base seed S uses s = S + 2p (and S + 2p + 1 for a second
-independent run), so pairs never share a run within a method. naive, weight_matching and
-activation_matching share the same two independent runs: the permutation methods differ from
-naive only by their alignment of B.
+independent run), so pairs never share a run within a method. naive, weight_matching,
+activation_matching and commutativity_matching share the same two independent runs: the
+permutation methods differ from naive only by their alignment of B.
 """
 
 from __future__ import annotations
@@ -116,6 +116,10 @@ METHODS: dict[str, Method] = {
     "activation_matching": Method("activation_matching", independent_runs,
                                   "the naive pair with B's units permuted to match A's activations",
                                   _aligned("activation")),
+    "commutativity_matching": Method("commutativity_matching", independent_runs,
+                                     "the naive pair with B's units permuted to minimise the LLFC "
+                                     "commutativity residual (W_A - W_B)(H_A - H_B), started from "
+                                     "weight or activation matching", _aligned("commutativity")),
 }
 FEDERATED = "federated"
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .activation import activation_matching
+from .commutativity import commutativity_matching
 from .weight import weight_matching
 
 __all__ = ["Matcher", "MATCHERS"]
@@ -38,10 +39,30 @@ def _activation(spec, model_a, model_b, options, data, device, log):
                                residual=options["residual"])
 
 
+def _commutativity(spec, model_a, model_b, options, data, device, log):
+    """Weight or activation matching (``options["commutativity_start"]``), then the descent on
+    the commutativity residual from there, on the images activation matching reads."""
+    loaded = data().to(device)
+    start = options["commutativity_start"]
+    first, first_info = MATCHERS[start].match(spec, model_a, model_b, options, lambda: loaded,
+                                              device, log)
+    perm, info = commutativity_matching(model_a, model_b, spec, loaded,
+                                        num_batches=options["batches"],
+                                        batch_size=options["batch_size"], start=first,
+                                        max_sweeps=options["max_sweeps"], seed=options["seed"],
+                                        max_cycles=options["commutativity_cycles"],
+                                        device=device, log=log)
+    return perm, info | {"start": start, "start_matching_objective": first_info["objective"]}
+
+
 MATCHERS: dict[str, Matcher] = {
     "weight": Matcher("weight", "B's units permuted to maximise the inner product of the weights "
                       "(Git Re-Basin, weight matching)", _weight),
     "activation": Matcher("activation", "B's units permuted to maximise the correlation of the "
                           "activations on training data (Git Re-Basin, activation matching)",
                           _activation),
+    "commutativity": Matcher("commutativity", "B's units permuted to minimise the LLFC "
+                             "commutativity residual sum_l ||(W_A - W_B)(H_A - H_B)||^2 over the "
+                             "layer inputs of training images, by coordinate descent from weight "
+                             "or activation matching", _commutativity),
 }
