@@ -9,11 +9,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..data import sample_order
 from ..features import capture
+from .assignment import solve
 from .builders import permutation_spec
 from .spec import PermutationSpec
 
@@ -143,7 +143,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
     perm, per_group, total, units = {}, {}, 0.0, 0
     for g in names:
         c = moments[g].cost(cost).cpu().numpy()
-        _, cols = linear_sum_assignment(c, maximize=True)
+        cols = solve(c, maximize=True)
         matched = c[np.arange(len(cols)), cols]
         perm[g] = torch.from_numpy(cols).long()
         per_group[g] = float(matched.mean())

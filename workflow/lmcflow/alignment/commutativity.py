@@ -66,12 +66,12 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..data import sample_order
 from ..features import capture
 from ..models import modules_called_once
+from .assignment import solve
 from .spec import PermutationSpec, _permute
 
 __all__ = ["commutativity_matching", "layer_rows"]
@@ -371,7 +371,7 @@ def commutativity_matching(model_a: nn.Module, model_b: nn.Module, spec: Permuta
             tried = set()
             for weight in steps_prox:  # 0: the linearisation; 1: the majoriser (never worse)
                 cc = (grad + weight * prox).cpu().numpy()
-                _, rr = linear_sum_assignment(cc)
+                rr = solve(cc, maximize=False)
                 if not cc[np.arange(len(rr)), rr].sum() < np.trace(cc):  # no predicted decrease
                     continue
                 if c is None:
