@@ -235,7 +235,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     again only once a group sharing a tensor with it has changed (otherwise its C, hence its
     answer, is the same). A sweep in which no group changes ends with one joint step per
     family of factor groups (a major group such as attention heads and the minor groups that
-    split each of its units row-major, read from the spec's views, see :func:`_factor_groups`):
+    split each of its units row-major, read from the spec's views, see :func:`_factor_groups`)
+    whose tensors' groups moved since its last try:
     heads matched as blocks, each pair's score the best within-head assignment, then each
     within-head group given the new heads (:func:`_joint_step`); a step is kept only when its
     exact float64 gain is positive, and the sweep then counts as changed. Stops after a sweep
@@ -299,11 +300,16 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
         perm_dev[group] = torch.from_numpy(cols).to(device)
         source = inverse[group].index_select(0, perm_dev[group].index_select(0, moved))
         inverse[group] = torch.from_numpy(np.argsort(cols)).to(device)
+        version[group] += 1
         for g, i in users[group]:
             _rewrite(groups[g], i, group, moved, source)
             dirty.add(g)
 
     factors = _factor_groups(spec)
+    # a family's joint step depends only on the groups of the tensors it reads: it is tried
+    # again only once one of them has moved since its last try
+    watched = {m: _family_groups(spec, (m, *us)) for m, us in factors.items()}
+    version, tried = dict.fromkeys(names, 0), {}
     joint_steps = 0
     sweeps = 0
     for sweeps in range(1, int(max_sweeps) + 1):
@@ -327,6 +333,10 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
         if not changed and factors:  # a local optimum of single moves: try factors together
             tic = time.perf_counter()
             for major in sorted(factors):
+                stamp = tuple(version[g] for g in watched[major])
+                if tried.get(major) == stamp:
+                    continue
+                tried[major] = stamp
                 step = _joint_step(spec, major, factors[major], state_a, state_b, perm_dev,
                                    dtype, device)
                 if step is not None:
@@ -432,6 +442,12 @@ def _factor_groups(spec: PermutationSpec) -> dict[str, tuple[str, ...]]:
                 if axes[d] is not None and axes[e] is not None and axes[d] != axes[e]:
                     pairs.setdefault(axes[d], set()).add(axes[e])
     return {g: tuple(sorted(us)) for g, us in sorted(pairs.items())}
+
+
+def _family_groups(spec: PermutationSpec, family: tuple[str, ...]) -> tuple[str, ...]:
+    """Every group on an axis of a cost tensor that carries one of ``family``."""
+    return tuple(sorted({g for k in spec.cost_keys if any(f in spec.axes[k] for f in family)
+                         for g in spec.axes[k] if g is not None}))
 
 
 def _lsa(c: np.ndarray) -> tuple[np.ndarray, float]:
