@@ -469,38 +469,18 @@ def _joint_step(spec: PermutationSpec, major: str, minors: tuple[str, ...],
     a_views = {k: spec.view(k, state_a[k]).to(device) for k in keys}
     b_views = {k: spec.view(k, state_b[k]).to(device) for k in keys}
     h = spec.sizes[major]
-    sims = {u: torch.zeros(h, h, spec.sizes[u], spec.sizes[u], dtype=dtype, device=device)
-            for u in minors}
-    alone = torch.zeros(h, h, dtype=dtype, device=device)
-    summed: set[tuple[str, str]] = set()  # (minor, key) already in sims[minor]
-    for k in keys:
-        axes = spec.axes[k]
-        if major not in axes:
-            continue
-        minor = next((g for g in axes if g in minors), None)
-        lead = [axes.index(major)] + ([axes.index(minor)] if minor else [])
-        held = {g: perm[g] for g in axes if g is not None and g not in (major, minor)}
-        a = a_views[k].movedim(lead, list(range(len(lead))))
-        b = _permute(b_views[k], axes, held).movedim(lead, list(range(len(lead))))
-        n = math.prod(a.shape[:len(lead)])
-        c = a.reshape(n, -1).to(dtype) @ b.reshape(n, -1).to(dtype).T  # (n, n), n = h or h*d
-        if minor is None:
-            alone += c
-        else:
-            d = spec.sizes[minor]
-            sims[minor] += c.view(h, d, h, d).permute(0, 2, 1, 3)  # [i, j] = d x d of heads i, j
-            summed.add((minor, k))
+    alone, sims, summed = _head_similarities(spec, major, minors, a_views, b_views, perm, dtype)
     score = alone.to("cpu", torch.float64).numpy().copy()
-    sims_np = {u: s.to("cpu", torch.float64).numpy() for u, s in sims.items()}
-    for s in sims_np.values():
+    sims = {u: s.to("cpu", torch.float64).numpy() for u, s in sims.items()}
+    for s in sims.values():
         score += np.array([[_lsa(s[i, j])[1] for j in range(h)] for i in range(h)])
     new = {major: _lsa(score)[0]}
     trial = dict(perm)
     trial[major] = torch.from_numpy(new[major]).to(device)
     for u in minors:
         d = spec.sizes[u]
-        cost = sims_np[u][np.arange(h), new[major]].sum(0)  # sum_i S_u[i, pi(i)], (d, d)
-        for k in keys:
+        cost = sims[u][np.arange(h), new[major]].sum(0)  # sum_i S_u[i, pi(i)], (d, d)
+        for k in keys:  # tensors that carry u but were not summed into S_u
             axes = spec.axes[k]
             if u not in axes or (u, k) in summed:
                 continue
@@ -513,6 +493,49 @@ def _joint_step(spec: PermutationSpec, major: str, minors: tuple[str, ...],
     changed = {g: p for g, p in new.items() if not np.array_equal(p, perm[g].cpu().numpy())}
     if not changed:
         return None
+    gain = _family_gain(spec, keys, changed, a_views, b_views, perm, trial)
+    return (changed, gain) if gain is not None else None
+
+
+def _head_similarities(spec: PermutationSpec, major: str, minors: tuple[str, ...],
+                       a_views: Mapping[str, Tensor], b_views: Mapping[str, Tensor],
+                       perm: Mapping[str, Tensor], dtype: torch.dtype
+                       ) -> tuple[Tensor, dict[str, Tensor], set[tuple[str, str]]]:
+    """Step 1 over the tensors ``a_views`` (A) and ``b_views`` (B) that carry ``major`` (h
+    units): ``T`` (h, h), ``{minor U: S_U (h, h, d, d)}``, ``S_U[i, j, u, v]`` = similarity of
+    A's unit (i, u) and B's unit (j, v), and the (minor, key) pairs summed into S."""
+    h = spec.sizes[major]
+    device = next(iter(a_views.values())).device
+    sims = {u: torch.zeros(h, h, spec.sizes[u], spec.sizes[u], dtype=dtype, device=device)
+            for u in minors}
+    alone = torch.zeros(h, h, dtype=dtype, device=device)
+    summed: set[tuple[str, str]] = set()
+    for k, a in a_views.items():
+        axes = spec.axes[k]
+        if major not in axes:
+            continue
+        minor = next((g for g in axes if g in minors), None)
+        lead = [axes.index(major)] + ([axes.index(minor)] if minor else [])
+        held = {g: perm[g] for g in axes if g is not None and g not in (major, minor)}
+        a = a.movedim(lead, list(range(len(lead))))
+        b = _permute(b_views[k], axes, held).movedim(lead, list(range(len(lead))))
+        n = math.prod(a.shape[:len(lead)])
+        c = a.reshape(n, -1).to(dtype) @ b.reshape(n, -1).to(dtype).T  # (n, n), n = h or h*d
+        if minor is None:
+            alone += c
+        else:
+            d = spec.sizes[minor]
+            sims[minor] += c.view(h, d, h, d).permute(0, 2, 1, 3)  # [i, j] = d x d of heads i, j
+            summed.add((minor, k))
+    return alone, sims, summed
+
+
+def _family_gain(spec: PermutationSpec, keys: list[str], changed: Mapping[str, np.ndarray],
+                 a_views: Mapping[str, Tensor], b_views: Mapping[str, Tensor],
+                 perm: Mapping[str, Tensor], trial: Mapping[str, Tensor]) -> float | None:
+    """Exact float64 change of the objective from ``perm`` to ``trial`` (which differ in the
+    ``changed`` groups), over the tensors ``keys`` that carry them; None unless a gain (above
+    1e-12 of the tensors' value)."""
     gain, scale = 0.0, 0.0
     for k in keys:
         axes = spec.axes[k]
@@ -522,9 +545,7 @@ def _joint_step(spec: PermutationSpec, major: str, minors: tuple[str, ...],
         moved = _permute(b_views[k], axes, {g: trial[g] for g in axes if g is not None})
         change, value = _dot_change64(a_views[k], moved, old)
         gain, scale = gain + change, scale + abs(value)
-    if not gain > 1e-12 * scale:
-        return None
-    return changed, gain
+    return gain if gain > 1e-12 * scale else None
 
 
 def _dot_change64(a: Tensor, new: Tensor, old: Tensor) -> tuple[float, float]:
