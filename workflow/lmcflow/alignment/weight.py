@@ -6,6 +6,7 @@ units within a head) are also moved together where single moves stop short (``_j
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -66,9 +67,39 @@ def matching_objective(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     total = 0.0
     for k in spec.cost_keys:
         a = spec.view(k, state_a[k])
-        b = _permute(spec.view(k, state_b[k]).to(a.device), spec.axes[k], perm)
+        b = _permute(spec.view(k, state_b[k]).to(a.device), spec.entries(k), perm)
         total += _dot64(a, b)
     return total
+
+
+def _unsegmented(spec: PermutationSpec, A: dict[str, Tensor], B: dict[str, Tensor]
+                 ) -> tuple[PermutationSpec, dict[str, Tensor], dict[str, Tensor]]:
+    """A spec without segments and the cost tensors it describes: a tensor with concatenated
+    axes (``spec.segments``) is cut into pieces, one per combination of the stretches of those
+    axes, each a plain tensor whose axis carries its stretch's group (pieces without any group
+    are left out). The objective is a sum over elements, so it is the same sum over the pieces,
+    and a group meets a concatenated axis only through its own stretch."""
+    if not spec.segments:
+        return spec, A, B
+    axes, shapes, a_out, b_out = {}, {}, {}, {}
+    for key in spec.cost_keys:
+        segs = spec.segments.get(key, {})
+        dims = sorted(segs)
+        choices = []
+        for d in dims:
+            starts = itertools.accumulate([0] + [n for _, n in segs[d]])
+            choices.append([(g, s, n) for (g, n), s in zip(segs[d], starts)])
+        for combo in itertools.product(*choices):
+            ax, index = list(spec.axes[key]), [slice(None)] * len(spec.axes[key])
+            for d, (g, s, n) in zip(dims, combo):
+                ax[d], index[d] = g, slice(s, s + n)
+            if all(g is None for g in ax):
+                continue
+            name = key + "".join(f"[{d}:{s}:{s + n}]" for d, (_, s, n) in zip(dims, combo))
+            index = tuple(index)
+            axes[name], a_out[name], b_out[name] = tuple(ax), A[key][index], B[key][index]
+            shapes[name] = tuple(a_out[name].shape)
+    return PermutationSpec(axes, shapes), a_out, b_out
 
 
 @dataclass
@@ -231,7 +262,9 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     generator seeded with ``seed``; for group P, with all other groups fixed,
     ``C = sum_{(k, axis) in P} A_k(axis first, flattened) @ B'_k(axis first, flattened)^T``
     (``B'`` = B with the other groups' current permutations) is a linear assignment problem
-    solved exactly (``scipy.optimize.linear_sum_assignment`` on the CPU). A group is solved
+    solved exactly (``scipy.optimize.linear_sum_assignment`` on the CPU); an axis concatenated
+    from several groups' units (``spec.segments``) enters each group's C through that group's
+    stretch only (the tensor is cut into pieces, :func:`_unsegmented`). A group is solved
     again only once a group sharing a tensor with it has changed (otherwise its C, hence its
     answer, is the same). A sweep in which no group changes ends with one joint step per
     family of factor groups (a major group such as attention heads and the minor groups that
@@ -271,7 +304,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     store = dtype
     for t in (*A.values(), *B.values()):
         store = torch.promote_types(store, t.dtype)
-    groups = _build_groups(spec, A, B, store, device)
+    objective = sum(_dot64(A[k], B[k]) for k in spec.cost_keys)
+    groups = _build_groups(*_unsegmented(spec, A, B), store, device)
     names = sorted(groups)
     users = {g: [] for g in names}  # group -> blocks (group, index) that lead with it
     for g, grp in groups.items():
@@ -282,7 +316,6 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     perm_dev = {g: torch.arange(spec.sizes[g], device=device) for g in names}
     inverse = dict(perm_dev)  # positions of B's units
     gen = torch.Generator().manual_seed(int(seed))
-    objective = sum(_dot64(A[k], B[k]) for k in spec.cost_keys)
     del A, B
     history, sweep_seconds = [objective], []
     seconds = {"cost": 0.0, "assignment": 0.0, "update": 0.0, "joint": 0.0}
@@ -361,7 +394,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
             "seconds_joint": seconds["joint"], "joint_steps": joint_steps,
             "sweep_seconds": sweep_seconds, "solves": solves, "dtype": str(dtype).split(".")[-1],
             "device": str(device)}
-    return {g: torch.from_numpy(p).long() for g, p in perm.items()}, info
+    out = {g: torch.arange(n) for g, n in sorted(spec.sizes.items())}  # no cost: identity
+    return out | {g: torch.from_numpy(p).long() for g, p in perm.items()}, info
 
 
 def _solve(group: _Group, current: np.ndarray, perm: Mapping[str, Tensor],
