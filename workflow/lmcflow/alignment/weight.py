@@ -478,10 +478,17 @@ def _factor_groups(spec: PermutationSpec) -> dict[str, tuple[str, ...]]:
     return {g: tuple(sorted(us)) for g, us in sorted(pairs.items())}
 
 
+def _key_groups(spec: PermutationSpec, key: str) -> set[str]:
+    """The groups on the axes of ``key``, those of its concatenated axes (segments) included."""
+    return {g for entry in spec.entries(key) if entry is not None
+            for g in ((entry,) if isinstance(entry, str) else (g for g, _ in entry))
+            if g is not None}
+
+
 def _family_groups(spec: PermutationSpec, family: tuple[str, ...]) -> tuple[str, ...]:
-    """Every group on an axis of a cost tensor that carries one of ``family``."""
-    return tuple(sorted({g for k in spec.cost_keys if any(f in spec.axes[k] for f in family)
-                         for g in spec.axes[k] if g is not None}))
+    """Every group of a cost tensor that carries one of ``family``."""
+    return tuple(sorted({g for k in spec.cost_keys if _key_groups(spec, k) & set(family)
+                         for g in _key_groups(spec, k)}))
 
 
 def _lsa(c: np.ndarray) -> tuple[np.ndarray, float]:
@@ -499,7 +506,7 @@ def _joint_step(spec: PermutationSpec, major: str, minors: tuple[str, ...],
     groups that change, or None unless the objective strictly increases. Similarities in
     ``dtype``; assignments on float64 copies."""
     family = (major, *minors)
-    keys = [k for k in spec.cost_keys if any(g in family for g in spec.axes[k])]
+    keys = [k for k in spec.cost_keys if _key_groups(spec, k) & set(family)]
     a_views = {k: spec.view(k, state_a[k]).to(device) for k in keys}
     b_views = {k: spec.view(k, state_b[k]).to(device) for k in keys}
     h = spec.sizes[major]
@@ -518,9 +525,10 @@ def _joint_step(spec: PermutationSpec, major: str, minors: tuple[str, ...],
             axes = spec.axes[k]
             if u not in axes or (u, k) in summed:
                 continue
-            held = {g: trial[g] for g in axes if g is not None and g != u}
+            held = {g: trial[g] for g in _key_groups(spec, k) if g != u}
             a = a_views[k].movedim(axes.index(u), 0).reshape(d, -1).to(dtype)
-            b = _permute(b_views[k], axes, held).movedim(axes.index(u), 0).reshape(d, -1)
+            b = _permute(b_views[k], spec.entries(k), held).movedim(axes.index(u), 0)
+            b = b.reshape(d, -1)
             cost = cost + (a @ b.to(dtype).T).to("cpu", torch.float64).numpy()
         new[u] = _lsa(cost)[0]
         trial[u] = torch.from_numpy(new[u]).to(device)
@@ -550,9 +558,9 @@ def _head_similarities(spec: PermutationSpec, major: str, minors: tuple[str, ...
             continue
         minor = next((g for g in axes if g in minors), None)
         lead = [axes.index(major)] + ([axes.index(minor)] if minor else [])
-        held = {g: perm[g] for g in axes if g is not None and g not in (major, minor)}
+        held = {g: perm[g] for g in _key_groups(spec, k) if g not in (major, minor)}
         a = a.movedim(lead, list(range(len(lead))))
-        b = _permute(b_views[k], axes, held).movedim(lead, list(range(len(lead))))
+        b = _permute(b_views[k], spec.entries(k), held).movedim(lead, list(range(len(lead))))
         n = math.prod(a.shape[:len(lead)])
         c = a.reshape(n, -1).to(dtype) @ b.reshape(n, -1).to(dtype).T  # (n, n), n = h or h*d
         if minor is None:
@@ -572,11 +580,11 @@ def _family_gain(spec: PermutationSpec, keys: list[str], changed: Mapping[str, n
     1e-12 of the tensors' value)."""
     gain, scale = 0.0, 0.0
     for k in keys:
-        axes = spec.axes[k]
-        if not any(g in changed for g in axes):
+        groups = _key_groups(spec, k)
+        if not groups & set(changed):
             continue
-        old = _permute(b_views[k], axes, {g: perm[g] for g in axes if g is not None})
-        moved = _permute(b_views[k], axes, {g: trial[g] for g in axes if g is not None})
+        old = _permute(b_views[k], spec.entries(k), {g: perm[g] for g in groups})
+        moved = _permute(b_views[k], spec.entries(k), {g: trial[g] for g in groups})
         change, value = _dot_change64(a_views[k], moved, old)
         gain, scale = gain + change, scale + abs(value)
     return gain if gain > 1e-12 * scale else None
