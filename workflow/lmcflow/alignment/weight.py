@@ -1,6 +1,7 @@
 """Weight matching (Git Re-Basin's algorithm 1): coordinate ascent over permutation groups, each
 step a linear assignment that maximises ``sum_k <A[k], perm(B)[k]>``; float64 objective, exact
-gains, stop after a sweep without improvement.
+gains, stop after a sweep without improvement. Groups that factor one axis (attention heads x
+units within a head) are also moved together where single moves stop short (``_joint_step``).
 """
 
 from __future__ import annotations
@@ -265,7 +266,14 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     from several groups' units (``spec.segments``) enters each group's C through that group's
     stretch only (the tensor is cut into pieces, :func:`_unsegmented`). A group is solved
     again only once a group sharing a tensor with it has changed (otherwise its C, hence its
-    answer, is the same). Stops after a sweep without change or ``max_sweeps`` sweeps.
+    answer, is the same). A sweep in which no group changes ends with one joint step per
+    family of factor groups (a major group such as attention heads and the minor groups that
+    split each of its units row-major, read from the spec's views, see :func:`_factor_groups`)
+    whose tensors' groups moved since its last try:
+    heads matched as blocks, each pair's score the best within-head assignment, then each
+    within-head group given the new heads (:func:`_joint_step`); a step is kept only when its
+    exact float64 gain is positive, and the sweep then counts as changed. Stops after a sweep
+    without change or ``max_sweeps`` sweeps.
 
     C is computed in ``dtype`` (float32 by default, float64 for the reference computation),
     one matmul per group on ``device`` (default: ``state_a``'s). P changes only if the change
@@ -278,8 +286,9 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     "sweeps": sweeps run, "history": objective at start and after each sweep,
     "seconds": wall time, "seconds_cost"/"seconds_assignment"/"seconds_update": time building
     the cost matrices / solving the assignments / applying accepted changes (exact gain and
-    permuted copies), "sweep_seconds": wall time of each sweep, "solves": assignments solved,
-    "dtype", "device"}``.
+    permuted copies), "seconds_joint": time in joint steps (included in the sweeps' times),
+    "joint_steps": joint steps kept, "sweep_seconds": wall time of each sweep, "solves":
+    assignments solved, "dtype", "device"}``.
     """
     start_time = time.perf_counter()
     spec.check_state(state_a)
@@ -309,12 +318,32 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     gen = torch.Generator().manual_seed(int(seed))
     del A, B
     history, sweep_seconds = [objective], []
-    seconds = {"cost": 0.0, "assignment": 0.0, "update": 0.0}
+    seconds = {"cost": 0.0, "assignment": 0.0, "update": 0.0, "joint": 0.0}
     solves = 0
     dirty = {g for g in names if groups[g].a.shape[0]}
     if log:
         log(f"weight matching: {len(names)} groups, {dtype} costs on {device}, "
             f"start objective {objective:.6g}")
+
+    def move(group: str, cols: np.ndarray) -> None:
+        """Give ``group`` the permutation ``cols``: move the rows of its units that moved in the
+        blocks that lead with it, and mark the groups of those blocks to solve again."""
+        moved = torch.from_numpy(np.flatnonzero(cols != perm[group])).to(device)
+        perm[group] = cols
+        perm_dev[group] = torch.from_numpy(cols).to(device)
+        source = inverse[group].index_select(0, perm_dev[group].index_select(0, moved))
+        inverse[group] = torch.from_numpy(np.argsort(cols)).to(device)
+        version[group] += 1
+        for g, i in users[group]:
+            _rewrite(groups[g], i, group, moved, source)
+            dirty.add(g)
+
+    factors = _factor_groups(spec)
+    # a family's joint step depends only on the groups of the tensors it reads: it is tried
+    # again only once one of them has moved since its last try
+    watched = {m: _family_groups(spec, (m, *us)) for m, us in factors.items()}
+    version, tried = dict.fromkeys(names, 0), {}
+    joint_steps = 0
     sweeps = 0
     for sweeps in range(1, int(max_sweeps) + 1):
         tic_sweep, changed = time.perf_counter(), []
@@ -328,28 +357,41 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
             if solved is None:
                 continue
             tic = time.perf_counter()
-            cols, gain, moved = solved
+            cols, gain, _ = solved
             objective += gain
-            perm[group] = cols
-            perm_dev[group] = torch.from_numpy(cols).to(device)
-            moved = torch.from_numpy(moved).to(device)
-            source = inverse[group].index_select(0, perm_dev[group].index_select(0, moved))
-            inverse[group] = torch.from_numpy(np.argsort(cols)).to(device)
-            for g, i in users[group]:
-                _rewrite(groups[g], i, group, moved, source)
-                dirty.add(g)
+            move(group, cols)
             changed.append(group)
             seconds["update"] += time.perf_counter() - tic
+        joint = []
+        if not changed and factors:  # a local optimum of single moves: try factors together
+            tic = time.perf_counter()
+            for major in sorted(factors):
+                stamp = tuple(version[g] for g in watched[major])
+                if tried.get(major) == stamp:
+                    continue
+                tried[major] = stamp
+                step = _joint_step(spec, major, factors[major], state_a, state_b, perm_dev,
+                                   dtype, device)
+                if step is not None:
+                    new, gain = step
+                    objective += gain
+                    for g, cols in new.items():
+                        move(g, cols)
+                    joint.append(major)
+            joint_steps += len(joint)
+            seconds["joint"] += time.perf_counter() - tic
         history.append(objective)
         sweep_seconds.append(time.perf_counter() - tic_sweep)
         if log:
             log(f"weight matching sweep {sweeps}: objective {objective:.6g}, "
-                f"{len(changed)}/{len(names)} groups changed")
-        if not changed:
+                f"{len(changed)}/{len(names)} groups changed"
+                + (f", {len(joint)} joint steps of factor groups" if joint else ""))
+        if not changed and not joint:
             break
     info = {"objective": objective, "sweeps": sweeps, "history": history,
             "seconds": time.perf_counter() - start_time, "seconds_cost": seconds["cost"],
             "seconds_assignment": seconds["assignment"], "seconds_update": seconds["update"],
+            "seconds_joint": seconds["joint"], "joint_steps": joint_steps,
             "sweep_seconds": sweep_seconds, "solves": solves, "dtype": str(dtype).split(".")[-1],
             "device": str(device)}
     out = {g: torch.arange(n) for g, n in sorted(spec.sizes.items())}  # no cost: identity
@@ -381,3 +423,183 @@ def _solve(group: _Group, current: np.ndarray, perm: Mapping[str, Tensor],
     if not gain > 1e-12 * max(abs(old), abs(new)):
         return None
     return cols, gain, moved
+
+
+# ---------------------------------------------------------------------------------------------
+# Factor groups (attention heads).
+#
+# An axis of a stored tensor may be the row-major product of two groups: the tracer views an
+# attention projection's output axis ``q.weight (H*d, E)`` as ``(H, d, E)``, heads x units within
+# a head, so that its permutations are those that keep heads whole (one permutation of heads and
+# one within-head permutation shared by every head). Coordinate ascent moves one factor at a
+# time and can stop where neither move pays alone: heads in the wrong order make every
+# within-head assignment look bad, and the reverse. The joint step moves a major factor
+# (heads) and its minor factors (the within-head groups) together:
+#   1. for every pair (A's head i, B's head j) and every minor U (size d), the d x d similarity
+#      S_U[i, j] of their units, summed over the tensors that carry both (the other groups at
+#      their current permutations); tensors that carry the heads without a minor add an h x h
+#      term T;
+#   2. block score V[i, j] = T[i, j] + sum_U (value of the best assignment on S_U[i, j]); the heads
+#      by one assignment on V (h x h);
+#   3. each minor U by one assignment on its cost given the new heads (sum_i S_U[i, pi(i)], plus
+#      the tensors that carry U without the heads);
+#   4. kept only if the exact float64 change of the objective is a gain.
+
+
+def _split_dims(view: tuple[int, ...], shape: tuple[int, ...]) -> list[list[int]] | None:
+    """For each stored dim, the view dims that split it row-major (a size-1 view dim goes with
+    the stored dim before it); None where the view merges stored dims."""
+    out, v = [], 0
+    for size in shape:
+        dims, p = [], 1
+        while v < len(view) and (p < size or view[v] == 1):
+            p *= view[v]
+            dims.append(v)
+            v += 1
+        if p != size:
+            return None
+        out.append(dims)
+    return out if all(view[d] == 1 for d in range(v, len(view))) else None
+
+
+def _factor_groups(spec: PermutationSpec) -> dict[str, tuple[str, ...]]:
+    """Major group -> its minor groups: ``(G, U)`` is a pair where some cost tensor's view
+    splits one stored dim into consecutive dims of G then U (row-major: G's index varies
+    slower), e.g. ``(heads, head units)``. Read from the spec's views, never from names."""
+    pairs: dict[str, set[str]] = {}
+    for key, view in spec.reshape.items():
+        if key not in spec.cost_keys:
+            continue
+        axes = spec.axes[key]
+        for dims in _split_dims(view, spec.shapes[key]) or ():
+            for d, e in zip(dims, dims[1:]):
+                if axes[d] is not None and axes[e] is not None and axes[d] != axes[e]:
+                    pairs.setdefault(axes[d], set()).add(axes[e])
+    return {g: tuple(sorted(us)) for g, us in sorted(pairs.items())}
+
+
+def _key_groups(spec: PermutationSpec, key: str) -> set[str]:
+    """The groups on the axes of ``key``, those of its concatenated axes (segments) included."""
+    return {g for entry in spec.entries(key) if entry is not None
+            for g in ((entry,) if isinstance(entry, str) else (g for g, _ in entry))
+            if g is not None}
+
+
+def _family_groups(spec: PermutationSpec, family: tuple[str, ...]) -> tuple[str, ...]:
+    """Every group of a cost tensor that carries one of ``family``."""
+    return tuple(sorted({g for k in spec.cost_keys if _key_groups(spec, k) & set(family)
+                         for g in _key_groups(spec, k)}))
+
+
+def _lsa(c: np.ndarray) -> tuple[np.ndarray, float]:
+    """Maximising assignment of ``c`` (rows in order) and its value."""
+    _, cols = linear_sum_assignment(c, maximize=True)
+    return cols, float(c[np.arange(len(cols)), cols].sum())
+
+
+def _joint_step(spec: PermutationSpec, major: str, minors: tuple[str, ...],
+                state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor],
+                perm: Mapping[str, Tensor], dtype: torch.dtype, device
+                ) -> tuple[dict[str, np.ndarray], float] | None:
+    """Joint move of ``major`` and its ``minors`` (steps above) from the current permutations
+    ``perm`` (long tensors on ``device``): ``({group: new permutation}, exact gain)`` for the
+    groups that change, or None unless the objective strictly increases. Similarities in
+    ``dtype``; assignments on float64 copies."""
+    family = (major, *minors)
+    keys = [k for k in spec.cost_keys if _key_groups(spec, k) & set(family)]
+    a_views = {k: spec.view(k, state_a[k]).to(device) for k in keys}
+    b_views = {k: spec.view(k, state_b[k]).to(device) for k in keys}
+    h = spec.sizes[major]
+    alone, sims, summed = _head_similarities(spec, major, minors, a_views, b_views, perm, dtype)
+    score = alone.to("cpu", torch.float64).numpy().copy()
+    sims = {u: s.to("cpu", torch.float64).numpy() for u, s in sims.items()}
+    for s in sims.values():
+        score += np.array([[_lsa(s[i, j])[1] for j in range(h)] for i in range(h)])
+    new = {major: _lsa(score)[0]}
+    trial = dict(perm)
+    trial[major] = torch.from_numpy(new[major]).to(device)
+    for u in minors:
+        d = spec.sizes[u]
+        cost = sims[u][np.arange(h), new[major]].sum(0)  # sum_i S_u[i, pi(i)], (d, d)
+        for k in keys:  # tensors that carry u but were not summed into S_u
+            axes = spec.axes[k]
+            if u not in axes or (u, k) in summed:
+                continue
+            held = {g: trial[g] for g in _key_groups(spec, k) if g != u}
+            a = a_views[k].movedim(axes.index(u), 0).reshape(d, -1).to(dtype)
+            b = _permute(b_views[k], spec.entries(k), held).movedim(axes.index(u), 0)
+            b = b.reshape(d, -1)
+            cost = cost + (a @ b.to(dtype).T).to("cpu", torch.float64).numpy()
+        new[u] = _lsa(cost)[0]
+        trial[u] = torch.from_numpy(new[u]).to(device)
+    changed = {g: p for g, p in new.items() if not np.array_equal(p, perm[g].cpu().numpy())}
+    if not changed:
+        return None
+    gain = _family_gain(spec, keys, changed, a_views, b_views, perm, trial)
+    return (changed, gain) if gain is not None else None
+
+
+def _head_similarities(spec: PermutationSpec, major: str, minors: tuple[str, ...],
+                       a_views: Mapping[str, Tensor], b_views: Mapping[str, Tensor],
+                       perm: Mapping[str, Tensor], dtype: torch.dtype
+                       ) -> tuple[Tensor, dict[str, Tensor], set[tuple[str, str]]]:
+    """Step 1 over the tensors ``a_views`` (A) and ``b_views`` (B) that carry ``major`` (h
+    units): ``T`` (h, h), ``{minor U: S_U (h, h, d, d)}``, ``S_U[i, j, u, v]`` = similarity of
+    A's unit (i, u) and B's unit (j, v), and the (minor, key) pairs summed into S."""
+    h = spec.sizes[major]
+    device = next(iter(a_views.values())).device
+    sims = {u: torch.zeros(h, h, spec.sizes[u], spec.sizes[u], dtype=dtype, device=device)
+            for u in minors}
+    alone = torch.zeros(h, h, dtype=dtype, device=device)
+    summed: set[tuple[str, str]] = set()
+    for k, a in a_views.items():
+        axes = spec.axes[k]
+        if major not in axes:
+            continue
+        minor = next((g for g in axes if g in minors), None)
+        lead = [axes.index(major)] + ([axes.index(minor)] if minor else [])
+        held = {g: perm[g] for g in _key_groups(spec, k) if g not in (major, minor)}
+        a = a.movedim(lead, list(range(len(lead))))
+        b = _permute(b_views[k], spec.entries(k), held).movedim(lead, list(range(len(lead))))
+        n = math.prod(a.shape[:len(lead)])
+        c = a.reshape(n, -1).to(dtype) @ b.reshape(n, -1).to(dtype).T  # (n, n), n = h or h*d
+        if minor is None:
+            alone += c
+        else:
+            d = spec.sizes[minor]
+            sims[minor] += c.view(h, d, h, d).permute(0, 2, 1, 3)  # [i, j] = d x d of heads i, j
+            summed.add((minor, k))
+    return alone, sims, summed
+
+
+def _family_gain(spec: PermutationSpec, keys: list[str], changed: Mapping[str, np.ndarray],
+                 a_views: Mapping[str, Tensor], b_views: Mapping[str, Tensor],
+                 perm: Mapping[str, Tensor], trial: Mapping[str, Tensor]) -> float | None:
+    """Exact float64 change of the objective from ``perm`` to ``trial`` (which differ in the
+    ``changed`` groups), over the tensors ``keys`` that carry them; None unless a gain (above
+    1e-12 of the tensors' value)."""
+    gain, scale = 0.0, 0.0
+    for k in keys:
+        groups = _key_groups(spec, k)
+        if not groups & set(changed):
+            continue
+        old = _permute(b_views[k], spec.entries(k), {g: perm[g] for g in groups})
+        moved = _permute(b_views[k], spec.entries(k), {g: trial[g] for g in groups})
+        change, value = _dot_change64(a_views[k], moved, old)
+        gain, scale = gain + change, scale + abs(value)
+    return gain if gain > 1e-12 * scale else None
+
+
+def _dot_change64(a: Tensor, new: Tensor, old: Tensor) -> tuple[float, float]:
+    """``(<a, new - old>, <a, old>)`` with float64 products and sums, in chunks."""
+    a, new, old = a.reshape(-1), new.reshape(-1), old.reshape(-1)
+    chunk = min(_chunk(a.device), a.numel())
+    buf = torch.empty(3, chunk, dtype=torch.float64, device=a.device)
+    change, value = (torch.zeros((), dtype=torch.float64, device=a.device) for _ in range(2))
+    for s in range(0, a.numel(), chunk):
+        k = min(chunk, a.numel() - s)
+        for row, t in enumerate((a, new, old)):
+            buf[row, :k].copy_(t[s:s + k])
+        value += torch.dot(buf[0, :k], buf[2, :k])
+        change += torch.dot(buf[0, :k], buf[1, :k].sub_(buf[2, :k]))
+    return float(change), float(value)
