@@ -1,8 +1,8 @@
 """Benchmark Git Re-Basin weight matching against its own matmul floor.
 
 Two independently initialised networks (seeds 0 and 1, PyTorch default init) per row, matched
-with :func:`lmcflow.alignment.weight_matching` (float32 costs, scipy linear_sum_assignment on the
-CPU). Models: the paper MLP 784-(512w)x3-10 and ResNet-20 ("ln": LayerNorm over channels at every position) on 3x32x32, at width
+with :func:`lmcflow.alignment.weight_matching` (float32 costs, linear assignments on the CPU by
+:func:`lmcflow.alignment.assignment.solve`: lap where installed, else scipy). Models: the paper MLP 784-(512w)x3-10 and ResNet-20 ("ln": LayerNorm over channels at every position) on 3x32x32, at width
 multipliers 1, 4, 16, 32. Each row runs in its own subprocess, so the peak memory is that row's
 alone (CPU: VmHWM, read right after the matching, including both float32 models; GPU:
 torch.cuda.max_memory_allocated of the matching).
@@ -127,7 +127,7 @@ def run_one(model: str, width: int, threads: int, max_sweeps: int, device_name: 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    lsa = matching.linear_sum_assignment
+    lsa = matching.solve
 
     def match():  # sweep times from the log calls (at the start and after each sweep)
         marks, lsa_time = [], [0.0]
@@ -138,12 +138,12 @@ def run_one(model: str, width: int, threads: int, max_sweeps: int, device_name: 
             lsa_time[0] += clock() - tic
             return out
 
-        matching.linear_sum_assignment = timed_lsa
+        matching.solve = timed_lsa
         try:
             _, info = weight_matching(spec, state_a, state_b, max_sweeps=max_sweeps, seed=0,
                                       log=lambda _: marks.append(clock()))
         finally:
-            matching.linear_sum_assignment = lsa
+            matching.solve = lsa
         return marks, lsa_time[0], info
 
     # Repeated while cheap (best run kept), like the floor: both are minima over repetitions.

@@ -14,9 +14,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from .assignment import solve
 from .spec import PermutationSpec, _permute
 
 __all__ = ["weight_matching", "matching_objective"]
@@ -262,7 +262,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     generator seeded with ``seed``; for group P, with all other groups fixed,
     ``C = sum_{(k, axis) in P} A_k(axis first, flattened) @ B'_k(axis first, flattened)^T``
     (``B'`` = B with the other groups' current permutations) is a linear assignment problem
-    solved exactly (``scipy.optimize.linear_sum_assignment`` on the CPU); an axis concatenated
+    solved exactly (:func:`.assignment.solve` on the CPU: lap or scipy); an axis concatenated
     from several groups' units (``spec.segments``) enters each group's C through that group's
     stretch only (the tensor is cut into pieces, :func:`_unsegmented`). A group is solved
     again only once a group sharing a tensor with it has changed (otherwise its C, hence its
@@ -406,7 +406,7 @@ def _solve(group: _Group, current: np.ndarray, perm: Mapping[str, Tensor],
     tic = time.perf_counter()
     c = _cost(group, perm, inverse, dtype).to("cpu", torch.float64).numpy()  # B's unit order
     toc = time.perf_counter()
-    _, cols = linear_sum_assignment(c, maximize=True)
+    cols = solve(c, maximize=True)
     seconds["cost"] += toc - tic
     seconds["assignment"] += time.perf_counter() - toc
     moved = np.flatnonzero(cols != current)
@@ -493,7 +493,7 @@ def _family_groups(spec: PermutationSpec, family: tuple[str, ...]) -> tuple[str,
 
 def _lsa(c: np.ndarray) -> tuple[np.ndarray, float]:
     """Maximising assignment of ``c`` (rows in order) and its value."""
-    _, cols = linear_sum_assignment(c, maximize=True)
+    cols = solve(c, maximize=True)
     return cols, float(c[np.arange(len(cols)), cols].sum())
 
 
