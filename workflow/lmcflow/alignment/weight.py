@@ -200,6 +200,15 @@ def _cost(group: _Group, perm: Mapping[str, Tensor], inverse: Mapping[str, Tenso
     return group.cost
 
 
+def _seen_cost(group: _Group, unseen: set[str], dtype: torch.dtype) -> Tensor:
+    """``a^T b`` over the blocks none of whose other groups is in ``unseen`` (not cached)."""
+    c = torch.zeros(group.n, group.n, dtype=dtype, device=group.a.device)
+    for blk in group.blocks:
+        if not any(h in unseen for h, _ in blk.others):
+            c.addmm_(group.a[blk.rows].T.to(dtype), group.b[blk.rows].to(dtype))
+    return c
+
+
 def _exact_gain(a: Tensor, b: Tensor, units: Tensor, new: Tensor, old: Tensor) -> float:
     """``sum_i <a[:, units_i], b[:, new_i] - b[:, old_i]>`` in float64: the exact change of the
     objective when the units ``units`` of A are matched to ``new`` instead of ``old``. Only the
@@ -228,7 +237,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     """Permutation of B maximising ``sum_k <A[k], perm(B)[k]>`` by coordinate ascent.
 
     Starting from the identity, each sweep visits every group once, in an order drawn from a
-    generator seeded with ``seed``; for group P, with all other groups fixed,
+    generator seeded with ``seed`` (a group's first solve leaves out the tensors through groups
+    not visited yet, see :func:`_solve`); for group P, with all other groups fixed,
     ``C = sum_{(k, axis) in P} A_k(axis first, flattened) @ B'_k(axis first, flattened)^T``
     (``B'`` = B with the other groups' current permutations) is a linear assignment problem
     solved exactly (``scipy.optimize.linear_sum_assignment`` on the CPU). A group is solved
@@ -311,6 +321,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     watched = {m: _family_groups(spec, (m, *us)) for m, us in factors.items()}
     version, tried = dict.fromkeys(names, 0), {}
     joint_steps = 0
+    visited: set[str] = set()
     sweeps = 0
     for sweeps in range(1, int(max_sweeps) + 1):
         tic_sweep, changed = time.perf_counter(), []
@@ -320,7 +331,10 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
                 continue
             dirty.discard(group)
             solves += 1
-            solved = _solve(groups[group], perm[group], perm_dev, inverse, dtype, seconds)
+            # first visit: leave out the tensors through groups not visited yet (see _solve)
+            unseen = None if group in visited else set(names) - visited - {group}
+            visited.add(group)
+            solved = _solve(groups[group], perm[group], perm_dev, inverse, dtype, seconds, unseen)
             if solved is None:
                 continue
             tic = time.perf_counter()
@@ -365,12 +379,23 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
 
 
 def _solve(group: _Group, current: np.ndarray, perm: Mapping[str, Tensor],
-           inverse: Mapping[str, Tensor], dtype: torch.dtype, seconds: dict
-           ) -> tuple[np.ndarray, float, np.ndarray] | None:
+           inverse: Mapping[str, Tensor], dtype: torch.dtype, seconds: dict,
+           unseen: set[str] | None = None) -> tuple[np.ndarray, float, np.ndarray] | None:
     """Best assignment for ``group``, its exact gain over ``current`` and the positions that
-    move; None unless the assignment is a strict improvement (then ``current`` stays)."""
+    move; None unless the assignment is a strict improvement (then ``current`` stays).
+
+    With ``unseen`` (a group's first visit: the groups not visited yet), the assignment is
+    solved on the tensors whose other groups have all been visited: a not yet visited group
+    is at the identity, an arbitrary order, so tensors through it are noise; worse, groups
+    solved against it agree with that order and, summed over many tensors, outvote the few
+    that carry the true order (an untrained ViT's residual stream, solved after its blocks,
+    stays at the identity). The gain is still the exact one, over all tensors."""
     tic = time.perf_counter()
-    c = _cost(group, perm, inverse, dtype).to("cpu", torch.float64).numpy()  # B's unit order
+    if unseen is None:
+        c = _cost(group, perm, inverse, dtype)
+    else:
+        c = _seen_cost(group, unseen, dtype)
+    c = c.to("cpu", torch.float64).numpy()  # B's unit order
     toc = time.perf_counter()
     _, cols = linear_sum_assignment(c, maximize=True)
     seconds["cost"] += toc - tic
