@@ -200,6 +200,12 @@ def _cost(group: _Group, perm: Mapping[str, Tensor], inverse: Mapping[str, Tenso
     return group.cost
 
 
+def _seen_rows(group: _Group, unseen: set[str]) -> int:
+    """Rows of the blocks none of whose other groups is in ``unseen``."""
+    return sum(blk.rows.stop - blk.rows.start for blk in group.blocks
+               if not any(h in unseen for h, _ in blk.others))
+
+
 def _seen_cost(group: _Group, unseen: set[str], dtype: torch.dtype) -> Tensor:
     """``a^T b`` over the blocks none of whose other groups is in ``unseen`` (not cached)."""
     c = torch.zeros(group.n, group.n, dtype=dtype, device=group.a.device)
@@ -331,9 +337,14 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
                 continue
             dirty.discard(group)
             solves += 1
-            # first visit: leave out the tensors through groups not visited yet (see _solve)
+            # first visit: leave out the tensors through groups not visited yet (see _solve);
+            # where fewer rows than units remain (a bias alone: a degenerate assignment, and
+            # slow), the group waits at the identity for the next sweep, solved on all tensors
             unseen = None if group in visited else set(names) - visited - {group}
             visited.add(group)
+            if unseen is not None and _seen_rows(groups[group], unseen) < groups[group].n:
+                dirty.add(group)
+                continue
             solved = _solve(groups[group], perm[group], perm_dev, inverse, dtype, seconds, unseen)
             if solved is None:
                 continue
@@ -344,7 +355,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
             changed.append(group)
             seconds["update"] += time.perf_counter() - tic
         joint = []
-        if not changed and factors:  # a local optimum of single moves: try factors together
+        if not changed and not dirty and factors:  # single moves stop: try factors together
             tic = time.perf_counter()
             for major in sorted(factors):
                 stamp = tuple(version[g] for g in watched[major])
@@ -367,7 +378,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
             log(f"weight matching sweep {sweeps}: objective {objective:.6g}, "
                 f"{len(changed)}/{len(names)} groups changed"
                 + (f", {len(joint)} joint steps of factor groups" if joint else ""))
-        if not changed and not joint:
+        if not changed and not joint and not dirty:
             break
     info = {"objective": objective, "sweeps": sweeps, "history": history,
             "seconds": time.perf_counter() - start_time, "seconds_cost": seconds["cost"],
