@@ -283,16 +283,14 @@ def test_without_slurm_the_profile_stops_at_start_up_naming_what_is_missing(tmp_
                                                                            missing):
     write_config(tmp_path / "run", SMALL)
     env = {**os.environ, "PATH": path_without_slurm(tmp_path / "bin", present)}
-    start = time.monotonic()
     out = subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory",
                           str(tmp_path / "run"), "--profile", "slurm", *TABLES], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
-    elapsed = time.monotonic() - start
     assert out.returncode != 0
     # before: "No such file or directory: 'sacct'" at the first submission, after 40 s
     assert f"but {missing} not on PATH" in out.stderr, out.stderr[-3000:]
     assert "without --profile slurm" in out.stderr and "module load slurm" in out.stderr
-    assert elapsed < 20, f"{elapsed:.0f} s"
+    # it stopped at start-up (no timing: a loaded machine is slow either way)
     assert not (tmp_path / "bin" / "ran").exists()  # no sbatch was tried
     assert not (tmp_path / "run" / "results").exists()
 

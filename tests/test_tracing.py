@@ -201,7 +201,7 @@ ZOO = {  # name -> (constructor, input shape, expected group count)
     "tv_vit": (lambda: torchvision.models.VisionTransformer(16, 8, 2, 2, 16, 24,
                                                             num_classes=NUM_CLASSES),
                (3, 16, 16), 7),
-    "concat": (ConcatNet, (3, 12, 12), 2),
+    "concat": (ConcatNet, (3, 12, 12), 4),
     "depthwise": (DepthwiseNet, (3, 8, 8), 5),
 }
 
@@ -239,7 +239,7 @@ def zoo():
         model = randomized(make(), in_shape)
         x = torch.randn(2, *in_shape, generator=torch.Generator().manual_seed(1))
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SpecWarning)  # concat warns; tested below
+            warnings.simplefilter("ignore", SpecWarning)  # (tested below)
             out[name] = (model, x, trace_spec(model, x))
     return out
 
@@ -321,14 +321,16 @@ def test_packed_multihead_attention_spec(zoo):
     assert spec.axes["encoder.pos_embedding"] == (None, None, stream)
 
 
-def test_concat_is_left_unpermuted_with_a_warning():
-    model = ConcatNet()
-    with pytest.warns(SpecWarning, match=r"concatenated by cat .*a\.weight\[0\].*mix\.weight\[1\]"):
-        spec = trace_spec(model, torch.zeros(1, 3, 12, 12))
-    assert spec.axes["a.weight"] == (None, "P_stem", None, None)
-    assert spec.axes["b.bias"] == (None,)
+def test_concat_reads_as_segments():
+    """Each branch keeps its own units; the conv reading the concatenation sees them as
+    stretches of its input axis (test_concat.py has the rest)."""
+    spec = traced(ConcatNet(), torch.zeros(1, 3, 12, 12))
+    assert spec.axes["a.weight"] == ("P_a", "P_stem", None, None)
+    assert spec.axes["b.bias"] == ("P_b",)
     assert spec.axes["mix.weight"] == ("P_mix", None, None, None)
-    assert spec.features == {"P_stem": ("relu0",), "P_mix": ("relu1",)}
+    assert spec.segments == {"mix.weight": {1: (("P_a", 6), ("P_b", 4))}}
+    assert spec.features == {"P_stem": ("relu0",), "P_a": ("relu_a",), "P_b": ("relu_b",),
+                             "P_mix": ("relu1",)}
 
 
 def test_depthwise_and_grouped_convolutions(zoo):
@@ -520,9 +522,9 @@ def test_permutation_spec_falls_back_to_the_tracer():
     vit = build_model("vit", (1, 28, 28), 10, dim=16, depth=1, heads=2)
     assert permutation_spec(vit) == traced(vit, torch.zeros(1, 1, 28, 28))  # in_shape
     net = ConcatNet()
-    with pytest.warns(SpecWarning):
-        spec = permutation_spec(net, torch.zeros(1, 3, 12, 12))
-    assert spec.sizes == {"P_stem": 8, "P_mix": 12}
+    spec = permutation_spec(net, torch.zeros(1, 3, 12, 12))
+    assert spec == traced(net, torch.zeros(1, 3, 12, 12))
+    assert spec.sizes == {"P_stem": 8, "P_a": 6, "P_b": 4, "P_mix": 12}
     with pytest.raises(TypeError, match="no permutation spec for Linear"):
         permutation_spec(nn.Linear(2, 2))
 

@@ -64,6 +64,19 @@ def test_an_endpoint_of_another_architecture_is_refused_before_any_job(tmp_path)
     assert not (tmp_path / "results").exists()
 
 
+def test_every_missing_endpoint_file_is_named_at_once(tmp_path):
+    """Both endpoint files missing: one error lists both keys and paths, and says what to do."""
+    from lmcflow.config import ConfigError
+    from lmcflow.pairs import check_endpoint_files
+
+    exp = {"model": {"arch": "mlp"}, "runs": {"a": str(tmp_path / "a.pt"), "b": str(tmp_path / "b.pt")}}
+    with pytest.raises(ConfigError) as err:
+        check_endpoint_files("mine", exp)
+    for words in ("experiments.mine.runs.a", "experiments.mine.runs.b", "a.pt", "b.pt",
+                  "change the paths"):
+        assert words in str(err.value)
+
+
 def test_a_truncated_endpoint_gets_a_hint_to_replace_it_not_to_force_it(tmp_path):
     _user_model(tmp_path)
     _own_run_file(tmp_path / "a.pt", "python:mynet:small_cnn", {"path": "models", "kwargs": {}})

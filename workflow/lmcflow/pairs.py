@@ -94,7 +94,8 @@ def _aligned(matcher: str) -> Callable:
 
 METHODS: dict[str, Method] = {
     "naive": Method("naive", independent_runs,
-                    "two networks trained independently, interpolated as they are (negative control)"),
+                    "two networks trained independently, interpolated as they are "
+                    "(negative control)"),
     "spawning": Method("spawning", spawned_runs,
                        "two children forked from one parent at spawn_epoch, different SGD noise"),
     "weight_matching": Method("weight_matching", independent_runs,
@@ -170,10 +171,8 @@ def check_endpoint_files(name: str, exp: dict) -> None:
     from .training import load_run
 
     where, model = f"experiments.{name}", exp["model"]
+    _check_present([(f"{where}.runs.{key}", path) for key, path in exp["runs"].items()])
     for key, path in exp["runs"].items():
-        if not Path(path).is_file():
-            raise ConfigError(f"config key {where}.runs.{key}: {path} does not exist; put your "
-                              "checkpoint there or change the path")
         try:
             spec = load_run(path, hint=endpoint_hint(where, key, path)).get("spec")
         except ValueError as err:
@@ -183,10 +182,22 @@ def check_endpoint_files(name: str, exp: dict) -> None:
         stored = {"arch": spec["arch"], **spec["args"]}
         if _architecture(stored) != _architecture(model):
             raise ConfigError(
-                f"config key {where}.runs.{key}: {path} holds a {_describe(stored)}, but experiment "
-                f"{name} is configured for a {_describe(model)}; to compare these files set "
+                f"config key {where}.runs.{key}: {path} holds {_article(_describe(stored))}, but "
+                f"experiment {name} is configured for {_article(_describe(model))}; to compare "
+                f"these files set "
                 f"{where}.model to {_architecture(stored)}, or point {where}.runs.{key} at a "
                 f"checkpoint of {model['arch']}")
+
+
+def _check_present(files: list[tuple[str, str]]) -> None:
+    """Raise ConfigError naming every (config key, path) whose file does not exist."""
+    from .config import ConfigError
+
+    missing = [(key, path) for key, path in files if not Path(path).is_file()]
+    if missing:
+        lines = "\n".join(f"  config key {key}: {path}" for key, path in missing)
+        raise ConfigError(f"{len(missing)} checkpoint file(s) the config points at do not exist:\n"
+                          f"{lines}\nput your checkpoints there or change the paths")
 
 
 def check_finetune_files(name: str, exp: dict) -> None:
@@ -203,13 +214,11 @@ def check_finetune_files(name: str, exp: dict) -> None:
     for task, setting in exp["finetune"]["tasks"].items():
         files += [(f"finetune.tasks.{task}.checkpoints[{i}]", f)
                   for i, f in enumerate((setting or {}).get("checkpoints") or [])]
+    _check_present([(f"{where}.{key}", path) for key, path in files])
     model = None
     for key, path in files:
-        hint = (f"replace {path} with a checkpoint of the configured model (config key {where}.{key} "
-                "points at it), or point that key at another file")
-        if not Path(path).is_file():
-            raise ConfigError(f"config key {where}.{key}: {path} does not exist; put your "
-                              "checkpoint there or change the path")
+        hint = (f"replace {path} with a checkpoint of the configured model (config key "
+                f"{where}.{key} points at it), or point that key at another file")
         from .training import check_fits, load_run
 
         try:
@@ -221,8 +230,9 @@ def check_finetune_files(name: str, exp: dict) -> None:
             stored = {"arch": spec["arch"], **spec["args"]}
             if _architecture(stored) != _architecture(exp["model"]):
                 raise ConfigError(
-                    f"config key {where}.{key}: {path} holds a {_describe(stored)}, but experiment "
-                    f"{name} is configured for a {_describe(exp['model'])}; set {where}.model to "
+                    f"config key {where}.{key}: {path} holds {_article(_describe(stored))}, but "
+                    f"experiment {name} is configured for {_article(_describe(exp['model']))}; "
+                    f"set {where}.model to "
                     f"{_architecture(stored)}, or point {where}.{key} at a checkpoint of "
                     f"{exp['model']['arch']}")
             continue
@@ -253,6 +263,10 @@ def _configured_model(exp: dict):
 def _architecture(model: dict) -> dict:
     """What fixes a model's weights: arch and arguments (not which layers the analyses read)."""
     return {k: v for k, v in sorted(model.items()) if k not in ("feature_layers", "layer_groups")}
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
 
 def _describe(model: dict) -> str:

@@ -35,7 +35,7 @@ except ImportError:  # another Snakemake: its own wording
 try:
     check_config(config)
 except ConfigError as err:
-    raise WorkflowError(f"{err}\nFix it in the config file (see README: configuration).") from None
+    raise WorkflowError(f"{err}\n(README: Configuration)") from None
 
 # The slurm executor (--profile slurm) runs sbatch to submit and squeue for job status (the
 # profile's status command) on this machine. Where they are missing, it fails only at its first

@@ -95,7 +95,9 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
     cross products). Each group is then one linear assignment maximising the Pearson
     correlation (``cost="correlation"``) or the inner product (``"inner_product"``) between A's
     unit i and B's unit perm[i]. A group without feature modules (a traced spec's attention
-    heads) keeps the identity: listed in ``info["unmatched"]``.
+    heads; units seen only inside concatenations, whose outputs are not read: a branch's
+    units are read at its own modules, before the ``cat``) keeps the identity: listed in
+    ``info["unmatched"]``.
 
     The models are moved to ``device``; their train/eval mode is restored afterwards.
     Returns ``(perm, info)`` with perm as in :func:`weight_matching` and

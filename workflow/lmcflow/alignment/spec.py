@@ -14,6 +14,11 @@ channel with other dimensions (the classifier after ``flatten`` of a ``C x H x W
 input index ``c*H*W + hw``) is listed with a *view shape* in ``spec.reshape``
 (``(num_classes, C, H*W)``); its axes refer to that view.
 
+A view axis may also be a concatenation of several groups' units (``torch.cat`` of two branches
+along the channels, read by one conv): ``spec.segments[key][axis]`` lists its stretches in order,
+``((group or None, length), ...)`` (None: a fixed stretch), and ``axes[key][axis]`` is None.
+Permuting it permutes every stretch by its own group (a block-diagonal permutation of the axis).
+
 A permutation is ``{group: LongTensor (n,)}``; applying it sets, along every axis of the
 group, ``new[i] = old[perm[i]]`` (``index_select``). :func:`weight_matching` and
 :func:`activation_matching` return the permutation of B that aligns B to A, i.e.
@@ -30,13 +35,15 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["PermutationSpec", "Axes", "NON_COST_SUFFIXES", "apply_permutation",
-           "identity_permutation", "random_permutation", "invert_permutation"]
+__all__ = ["PermutationSpec", "Axes", "Segments", "NON_COST_SUFFIXES", "apply_permutation",
+           "axis_index", "identity_permutation", "random_permutation", "invert_permutation"]
 
 # Buffers that are permuted with their channels but carry no signal for weight matching.
 NON_COST_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 Axes = tuple[str | None, ...]
+# the stretches of a concatenated axis, in order: (group or None = fixed, length)
+Segments = tuple[tuple[str | None, int], ...]
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,13 @@ class PermutationSpec:
       ``(B, n, ...)`` carry the group's units on dim 1 (used by activation matching; the
       samples of several modules are pooled as extra observations);
     * ``feature_dims``: module -> the dim of its output that carries the units, where it is not
-      1: -1 for token tensors ``(B, T, n)`` of transformers.
+      1: -1 for token tensors ``(B, T, n)`` of transformers;
+    * ``segments``: key -> {view axis: ((group or None, length), ...)} for axes that are a
+      concatenation of stretches (lengths sum to the axis size; None = a fixed stretch; at least
+      one group); such an axis has None in ``axes``. Specs without concatenations leave it empty.
 
-    Derived: ``sizes`` (group -> n), ``groups`` (group -> [(key, axis), ...] in key order)
+    Derived: ``sizes`` (group -> n), ``groups`` (group -> [(key, axis), ...] in key order; a
+    segmented axis is listed once per group of its stretches: see :meth:`entries`)
     and ``cost_keys`` (keys with at least one group, minus BN running stats and
     ``num_batches_tracked``, which are permuted but do not enter weight-matching costs).
     """
@@ -64,6 +75,7 @@ class PermutationSpec:
     reshape: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     features: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     feature_dims: Mapping[str, int] = field(default_factory=dict)
+    segments: Mapping[str, Mapping[int, Segments]] = field(default_factory=dict)
     sizes: dict[str, int] = field(init=False, repr=False, compare=False)
     groups: dict[str, list[tuple[str, int]]] = field(init=False, repr=False, compare=False)
     cost_keys: tuple[str, ...] = field(init=False, repr=False, compare=False)
@@ -78,6 +90,12 @@ class PermutationSpec:
         unknown = sorted(set(reshape) - set(axes))
         if unknown:
             raise ValueError(f"reshape lists keys without axes: {unknown}")
+        segments = {k: {int(d): tuple((g, int(n)) for g, n in segs)
+                        for d, segs in sorted(v.items())} for k, v in self.segments.items()}
+        segments = {k: v for k, v in segments.items() if v}
+        unknown = sorted(set(segments) - set(axes))
+        if unknown:
+            raise ValueError(f"segments lists keys without axes: {unknown}")
         sizes: dict[str, int] = {}
         groups: dict[str, list[tuple[str, int]]] = {}
         for key, ax in axes.items():
@@ -86,13 +104,15 @@ class PermutationSpec:
                 raise ValueError(f"{key}: view {view} does not match shape {shapes[key]}")
             if len(ax) != len(view):
                 raise ValueError(f"{key}: {len(ax)} axis entries for shape {view}")
-            for axis, group in enumerate(ax):
-                if group is None:
-                    continue
-                if sizes.setdefault(group, view[axis]) != view[axis]:
-                    raise ValueError(f"{key} axis {axis}: group {group} has size {sizes[group]}, "
-                                     f"tensor has {view[axis]}")
-                groups.setdefault(group, []).append((key, axis))
+            for axis, entry in enumerate(_entries(ax, segments.get(key, {}), view, key)):
+                for group, n in ((entry, view[axis]),) if not isinstance(entry, tuple) else entry:
+                    if group is None:
+                        continue
+                    if sizes.setdefault(group, n) != n:
+                        raise ValueError(f"{key} axis {axis}: group {group} has size "
+                                         f"{sizes[group]}, tensor has {n}")
+                    if (key, axis) not in groups.setdefault(group, []):
+                        groups[group].append((key, axis))
         features = {g: tuple(m) for g, m in self.features.items()}
         unknown = sorted(set(features) - set(groups))
         if unknown:
@@ -102,12 +122,18 @@ class PermutationSpec:
         if not set(feature_dims) <= listed or not set(feature_dims.values()) <= {1, -1}:
             raise ValueError(f"feature_dims must give dim 1 or -1 of feature modules: {feature_dims}")
         cost_keys = tuple(k for k, ax in axes.items()
-                          if any(g is not None for g in ax) and not k.endswith(NON_COST_SUFFIXES))
+                          if (any(g is not None for g in ax) or k in segments)
+                          and not k.endswith(NON_COST_SUFFIXES))
         for name, value in (("axes", axes), ("shapes", shapes), ("reshape", reshape),
                             ("features", features), ("feature_dims", feature_dims),
-                            ("sizes", sizes), ("groups", groups),
+                            ("segments", segments), ("sizes", sizes), ("groups", groups),
                             ("cost_keys", cost_keys)):
             object.__setattr__(self, name, value)
+
+    def entries(self, key: str) -> tuple[str | Segments | None, ...]:
+        """Per view axis of ``key``: its group, None, or its :data:`Segments`."""
+        segs = self.segments.get(key, {})
+        return tuple(segs.get(d, g) for d, g in enumerate(self.axes[key]))
 
     def view(self, key: str, tensor: Tensor) -> Tensor:
         """``tensor`` (stored shape) as the shape its axes refer to."""
@@ -122,6 +148,20 @@ class PermutationSpec:
         if bad:
             raise ValueError("shape mismatch: " + ", ".join(
                 f"{k} {tuple(state[k].shape)} != {self.shapes[k]}" for k in bad))
+
+
+def _entries(ax: Axes, segs: Mapping[int, Segments], view: tuple[int, ...], key: str
+             ) -> tuple[str | Segments | None, ...]:
+    """Check ``segs`` against the axes and view of ``key``; the entry of every view axis."""
+    for d, stretches in segs.items():
+        if not 0 <= d < len(view) or ax[d] is not None:
+            raise ValueError(f"{key}: segments on axis {d}, which is not an unpermuted view axis")
+        if sum(n for _, n in stretches) != view[d] or min(n for _, n in stretches) < 1:
+            raise ValueError(f"{key} axis {d}: segment lengths {[n for _, n in stretches]} "
+                             f"do not cover its {view[d]} units")
+        if all(g is None for g, _ in stretches):
+            raise ValueError(f"{key} axis {d}: segments without a group")
+    return tuple(segs.get(d, g) for d, g in enumerate(ax))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,17 +193,38 @@ def _check_perm(spec: PermutationSpec, perm: Mapping[str, Tensor]) -> None:
                              f"expected ({spec.sizes[g]},)")
 
 
-def _permute(t: Tensor, axes: Axes, perm: Mapping[str, Tensor], skip: int | None = None) -> Tensor:
-    """Index every axis of ``t`` (already viewed) whose group is in ``perm``, except ``skip``."""
-    for axis, group in enumerate(axes):
-        if group is not None and axis != skip and group in perm:
-            t = t.index_select(axis, perm[group].to(t.device))
+def axis_index(entry: str | Segments | None, perm: Mapping[str, Tensor]) -> Tensor | None:
+    """The index that permutes an axis whose entry (:meth:`PermutationSpec.entries`) is
+    ``entry``: the group's permutation, or for segments the block-diagonal one (every stretch
+    by its group, offset to its place); None where nothing moves (no group in ``perm``)."""
+    if entry is None:
+        return None
+    if not isinstance(entry, tuple):
+        return perm.get(entry)
+    if not any(g in perm for g, _ in entry if g is not None):
+        return None
+    parts, start = [], 0
+    for g, n in entry:
+        parts.append(start + (perm[g].cpu() if g in perm else torch.arange(n)))
+        start += n
+    return torch.cat(parts)
+
+
+def _permute(t: Tensor, entries, perm: Mapping[str, Tensor], skip: int | None = None) -> Tensor:
+    """Index every axis of ``t`` (already viewed) whose entry (a group or segments) has a
+    group in ``perm``, except ``skip``."""
+    for axis, entry in enumerate(entries):
+        index = axis_index(entry, perm) if axis != skip else None
+        if index is not None:
+            t = t.index_select(axis, index.to(t.device))
     return t
 
 
 def apply_permutation(spec: PermutationSpec, perm: Mapping[str, Tensor],
                       state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Permute every listed axis of every tensor: along group g, ``new[i] = old[perm[g][i]]``.
+    """Permute every listed axis of every tensor: along group g, ``new[i] = old[perm[g][i]]``;
+    a segmented axis stretch by stretch (``new[o + i] = old[o + perm[g][i]]`` for the stretch
+    of group g at offset o).
 
     Groups absent from ``perm`` are left as they are (identity). Every key of ``state`` must
     be in the spec; the result has the same keys, in the same order, shapes and dtypes.
@@ -174,5 +235,5 @@ def apply_permutation(spec: PermutationSpec, perm: Mapping[str, Tensor],
         raise KeyError(f"state_dict keys not in the permutation spec: {unknown}")
     out = {}
     for key, t in state.items():
-        out[key] = _permute(spec.view(key, t), spec.axes[key], perm).reshape(t.shape)
+        out[key] = _permute(spec.view(key, t), spec.entries(key), perm).reshape(t.shape)
     return out

@@ -6,6 +6,7 @@ units within a head) are also moved together where single moves stop short (``_j
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -66,9 +67,39 @@ def matching_objective(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     total = 0.0
     for k in spec.cost_keys:
         a = spec.view(k, state_a[k])
-        b = _permute(spec.view(k, state_b[k]).to(a.device), spec.axes[k], perm)
+        b = _permute(spec.view(k, state_b[k]).to(a.device), spec.entries(k), perm)
         total += _dot64(a, b)
     return total
+
+
+def _unsegmented(spec: PermutationSpec, A: dict[str, Tensor], B: dict[str, Tensor]
+                 ) -> tuple[PermutationSpec, dict[str, Tensor], dict[str, Tensor]]:
+    """A spec without segments and the cost tensors it describes: a tensor with concatenated
+    axes (``spec.segments``) is cut into pieces, one per combination of the stretches of those
+    axes, each a plain tensor whose axis carries its stretch's group (pieces without any group
+    are left out). The objective is a sum over elements, so it is the same sum over the pieces,
+    and a group meets a concatenated axis only through its own stretch."""
+    if not spec.segments:
+        return spec, A, B
+    axes, shapes, a_out, b_out = {}, {}, {}, {}
+    for key in spec.cost_keys:
+        segs = spec.segments.get(key, {})
+        dims = sorted(segs)
+        choices = []
+        for d in dims:
+            starts = itertools.accumulate([0] + [n for _, n in segs[d]])
+            choices.append([(g, s, n) for (g, n), s in zip(segs[d], starts)])
+        for combo in itertools.product(*choices):
+            ax, index = list(spec.axes[key]), [slice(None)] * len(spec.axes[key])
+            for d, (g, s, n) in zip(dims, combo):
+                ax[d], index[d] = g, slice(s, s + n)
+            if all(g is None for g in ax):
+                continue
+            name = key + "".join(f"[{d}:{s}:{s + n}]" for d, (_, s, n) in zip(dims, combo))
+            index = tuple(index)
+            axes[name], a_out[name], b_out[name] = tuple(ax), A[key][index], B[key][index]
+            shapes[name] = tuple(a_out[name].shape)
+    return PermutationSpec(axes, shapes), a_out, b_out
 
 
 @dataclass
@@ -247,7 +278,9 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     not visited yet, see :func:`_solve`); for group P, with all other groups fixed,
     ``C = sum_{(k, axis) in P} A_k(axis first, flattened) @ B'_k(axis first, flattened)^T``
     (``B'`` = B with the other groups' current permutations) is a linear assignment problem
-    solved exactly (``scipy.optimize.linear_sum_assignment`` on the CPU). A group is solved
+    solved exactly (``scipy.optimize.linear_sum_assignment`` on the CPU); an axis concatenated
+    from several groups' units (``spec.segments``) enters each group's C through that group's
+    stretch only (the tensor is cut into pieces, :func:`_unsegmented`). A group is solved
     again only once a group sharing a tensor with it has changed (otherwise its C, hence its
     answer, is the same). A sweep in which no group changes ends with one joint step per
     family of factor groups (a major group such as attention heads and the minor groups that
@@ -287,7 +320,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     store = dtype
     for t in (*A.values(), *B.values()):
         store = torch.promote_types(store, t.dtype)
-    groups = _build_groups(spec, A, B, store, device)
+    objective = sum(_dot64(A[k], B[k]) for k in spec.cost_keys)
+    groups = _build_groups(*_unsegmented(spec, A, B), store, device)
     names = sorted(groups)
     users = {g: [] for g in names}  # group -> blocks (group, index) that lead with it
     for g, grp in groups.items():
@@ -298,7 +332,6 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     perm_dev = {g: torch.arange(spec.sizes[g], device=device) for g in names}
     inverse = dict(perm_dev)  # positions of B's units
     gen = torch.Generator().manual_seed(int(seed))
-    objective = sum(_dot64(A[k], B[k]) for k in spec.cost_keys)
     del A, B
     history, sweep_seconds = [objective], []
     seconds = {"cost": 0.0, "assignment": 0.0, "update": 0.0, "joint": 0.0}
@@ -386,7 +419,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
             "seconds_joint": seconds["joint"], "joint_steps": joint_steps,
             "sweep_seconds": sweep_seconds, "solves": solves, "dtype": str(dtype).split(".")[-1],
             "device": str(device)}
-    return {g: torch.from_numpy(p).long() for g, p in perm.items()}, info
+    out = {g: torch.arange(n) for g, n in sorted(spec.sizes.items())}  # no cost: identity
+    return out | {g: torch.from_numpy(p).long() for g, p in perm.items()}, info
 
 
 def _solve(group: _Group, current: np.ndarray, perm: Mapping[str, Tensor],
@@ -480,10 +514,17 @@ def _factor_groups(spec: PermutationSpec) -> dict[str, tuple[str, ...]]:
     return {g: tuple(sorted(us)) for g, us in sorted(pairs.items())}
 
 
+def _key_groups(spec: PermutationSpec, key: str) -> set[str]:
+    """The groups on the axes of ``key``, those of its concatenated axes (segments) included."""
+    return {g for entry in spec.entries(key) if entry is not None
+            for g in ((entry,) if isinstance(entry, str) else (g for g, _ in entry))
+            if g is not None}
+
+
 def _family_groups(spec: PermutationSpec, family: tuple[str, ...]) -> tuple[str, ...]:
-    """Every group on an axis of a cost tensor that carries one of ``family``."""
-    return tuple(sorted({g for k in spec.cost_keys if any(f in spec.axes[k] for f in family)
-                         for g in spec.axes[k] if g is not None}))
+    """Every group of a cost tensor that carries one of ``family``."""
+    return tuple(sorted({g for k in spec.cost_keys if _key_groups(spec, k) & set(family)
+                         for g in _key_groups(spec, k)}))
 
 
 def _lsa(c: np.ndarray) -> tuple[np.ndarray, float]:
@@ -501,7 +542,7 @@ def _joint_step(spec: PermutationSpec, major: str, minors: tuple[str, ...],
     groups that change, or None unless the objective strictly increases. Similarities in
     ``dtype``; assignments on float64 copies."""
     family = (major, *minors)
-    keys = [k for k in spec.cost_keys if any(g in family for g in spec.axes[k])]
+    keys = [k for k in spec.cost_keys if _key_groups(spec, k) & set(family)]
     a_views = {k: spec.view(k, state_a[k]).to(device) for k in keys}
     b_views = {k: spec.view(k, state_b[k]).to(device) for k in keys}
     h = spec.sizes[major]
@@ -520,9 +561,10 @@ def _joint_step(spec: PermutationSpec, major: str, minors: tuple[str, ...],
             axes = spec.axes[k]
             if u not in axes or (u, k) in summed:
                 continue
-            held = {g: trial[g] for g in axes if g is not None and g != u}
+            held = {g: trial[g] for g in _key_groups(spec, k) if g != u}
             a = a_views[k].movedim(axes.index(u), 0).reshape(d, -1).to(dtype)
-            b = _permute(b_views[k], axes, held).movedim(axes.index(u), 0).reshape(d, -1)
+            b = _permute(b_views[k], spec.entries(k), held).movedim(axes.index(u), 0)
+            b = b.reshape(d, -1)
             cost = cost + (a @ b.to(dtype).T).to("cpu", torch.float64).numpy()
         new[u] = _lsa(cost)[0]
         trial[u] = torch.from_numpy(new[u]).to(device)
@@ -552,9 +594,9 @@ def _head_similarities(spec: PermutationSpec, major: str, minors: tuple[str, ...
             continue
         minor = next((g for g in axes if g in minors), None)
         lead = [axes.index(major)] + ([axes.index(minor)] if minor else [])
-        held = {g: perm[g] for g in axes if g is not None and g not in (major, minor)}
+        held = {g: perm[g] for g in _key_groups(spec, k) if g not in (major, minor)}
         a = a.movedim(lead, list(range(len(lead))))
-        b = _permute(b_views[k], axes, held).movedim(lead, list(range(len(lead))))
+        b = _permute(b_views[k], spec.entries(k), held).movedim(lead, list(range(len(lead))))
         n = math.prod(a.shape[:len(lead)])
         c = a.reshape(n, -1).to(dtype) @ b.reshape(n, -1).to(dtype).T  # (n, n), n = h or h*d
         if minor is None:
@@ -574,11 +616,11 @@ def _family_gain(spec: PermutationSpec, keys: list[str], changed: Mapping[str, n
     1e-12 of the tensors' value)."""
     gain, scale = 0.0, 0.0
     for k in keys:
-        axes = spec.axes[k]
-        if not any(g in changed for g in axes):
+        groups = _key_groups(spec, k)
+        if not groups & set(changed):
             continue
-        old = _permute(b_views[k], axes, {g: perm[g] for g in axes if g is not None})
-        moved = _permute(b_views[k], axes, {g: trial[g] for g in axes if g is not None})
+        old = _permute(b_views[k], spec.entries(k), {g: perm[g] for g in groups})
+        moved = _permute(b_views[k], spec.entries(k), {g: trial[g] for g in groups})
         change, value = _dot_change64(a_views[k], moved, old)
         gain, scale = gain + change, scale + abs(value)
     return gain if gain > 1e-12 * scale else None

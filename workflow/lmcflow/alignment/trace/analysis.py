@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..spec import PermutationSpec
-from .slots import PRIMES, _Call, _Slots, _T, _Unsupported, _flat, _has_tensor, _tensors
+from .slots import PRIMES, ROWS, _Call, _Slots, _T, _Unsupported, _flat, _has_tensor, _tensors
 
 
 # What the interpreter itself knows about operations (the rules for each are in .tables).
@@ -54,12 +54,18 @@ class Rules:
     modules: list[tuple[type | tuple, Callable]]
     methods: dict[str, Callable]
     functions: dict[Any, Callable]
+    # for calls with no rule of their own: a Python function torch.fx kept as one node, or a
+    # submodule kept as a leaf because fx cannot trace it (:func:`.through.r_through`)
+    through: Callable | None = None
 
 
 class _Analysis(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, model: nn.Module, rules: Rules):
+    def __init__(self, gm: fx.GraphModule, model: nn.Module, rules: Rules,
+                 leaves: dict[str, str] | None = None):
         super().__init__(gm)
         self.rules = rules
+        self.leaves = dict(leaves or {})  # submodules fx could not trace -> why
+        self.opaque: dict[str, str] = {}  # leaves that could not be traced through -> why
         self.model = model
         self.state = model.state_dict(keep_vars=True)
         self.modules = dict(model.named_modules())
@@ -98,7 +104,9 @@ class _Analysis(fx.Interpreter):
 
     def _where(self, n: fx.Node) -> str:
         if n.op == "call_module":
-            return f"{type(self.modules.get(n.target)).__name__} '{n.target}'"
+            m = self.fetch_attr(n.target)
+            return f"{type(m).__name__} " + \
+                ("(the model's forward)" if m is self.model else f"'{n.target}'")
         stack = n.meta.get("nn_module_stack") or {}
         owner = next(reversed(stack.values()))[0] if stack else ""
         target = n.target if isinstance(n.target, str) else \
@@ -140,6 +148,8 @@ class _Analysis(fx.Interpreter):
 
     def _rule_for(self, c: _Call) -> Callable | None:
         if c.node.op == "call_module":
+            if c.node.target in self.leaves:  # its class's rule would assume its usual forward
+                return self.rules.through
             for types, rule in self.rules.modules:
                 if isinstance(c.module, types):
                     return rule
@@ -147,9 +157,10 @@ class _Analysis(fx.Interpreter):
         if c.node.op == "call_method":
             return self.rules.methods.get(c.node.target)
         try:
-            return self.rules.functions.get(c.node.target)
+            rule = self.rules.functions.get(c.node.target)
         except TypeError:  # unhashable target
             return None
+        return rule if rule is not None else self.rules.through
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -181,7 +192,7 @@ class _Analysis(fx.Interpreter):
         ``sources`` (the inputs it derives from) is silently fixed, else for ``reason``."""
         info = self.fresh(value)
         silent = reason is None or (sources is not None and all(
-            self.slots.silent_fixed(s) for s in self.slots.leaves(sources)))
+            self.slots.silent_fixed(s) for s in self.slots.units(sources)))
         self.slots.fix(_flat(d for t in _tensors(info) for d in t.dims), None if silent else reason)
         return info
 
@@ -256,10 +267,11 @@ class _Analysis(fx.Interpreter):
 
     def build(self) -> tuple[PermutationSpec, dict[str, list[str]]]:
         """The spec and, per reason, the parameter axes that reason left unpermuted."""
+        self.slots.settle()
         leaf_roots = {leaf for dims in self.params.values() for d in dims
-                      for leaf in self.slots.leaves(d) if not self.slots.fixed(leaf)}
+                      for leaf in self.slots.units(d) if not self.slots.fixed(leaf)}
         names = self._group_names(leaf_roots)
-        axes, shapes, reshape, lost = {}, {}, {}, {}
+        axes, shapes, reshape, segments, lost = {}, {}, {}, {}, {}
         for key, t in self.state.items():
             shape = tuple(t.shape)
             shapes[key] = shape
@@ -269,26 +281,60 @@ class _Analysis(fx.Interpreter):
                 continue
             view, ax = [], []
             for axis, (n, d) in enumerate(zip(shape, dims)):
-                entries: list[list] = []
+                where, why = f"{key}[{axis}]", {}
+                entries: list[list] = []  # [size, group, stretches]
                 for leaf in self.slots.leaves(d):
-                    size, group = self.slots.size[leaf], names.get(self.slots.find(leaf))
-                    if group is None:
-                        r = self.slots.find(leaf)
-                        if r not in self.slots.silent:
-                            for reason in self.slots.reasons.get(r, []):
-                                lost.setdefault(reason, []).append(f"{key}[{axis}]")
-                        if entries and entries[-1][1] is None:  # adjacent unpermuted: merge
+                    size, r = self.slots.size[leaf], self.slots.find(leaf)
+                    stretches = self._stretches(r, names, where, why)
+                    group = names.get(r)
+                    if group is None and stretches is None:
+                        self._lost(r, where, why)
+                        if entries and entries[-1][1:] == [None, None]:  # adjacent unpermuted
                             entries[-1][0] *= size
                             continue
-                    entries.append([size, group])
-                entries = entries or [[n, None]]
-                view += [e[0] for e in entries]
-                ax += [e[1] for e in entries]
+                    entries.append([size, group, stretches])
+                if any(g is not None or st is not None for _, g, st in entries):
+                    why.pop(ROWS, None)  # a structural factor beside permuted units
+                for reason, at in why.items():
+                    lost.setdefault(reason, []).extend(at)
+                for size, group, stretches in entries or [[n, None, None]]:
+                    if stretches is not None:
+                        segments.setdefault(key, {})[len(view)] = stretches
+                    view.append(size)
+                    ax.append(group)
             axes[key] = tuple(ax)
             if tuple(view) != shape:
                 reshape[key] = tuple(view)
-        spec = PermutationSpec(axes, shapes, reshape, *self._features(names))
+        spec = PermutationSpec(axes, shapes, reshape, *self._features(names), segments)
         return spec, {r: sorted(set(v), key=v.index) for r, v in lost.items()}
+
+    def _lost(self, r: int, where: str, lost: dict[str, list[str]]) -> None:
+        """Record, per reason, that the fixed class ``r`` leaves ``where`` unpermuted."""
+        for u in self.slots.units([r]):
+            if u not in self.slots.silent:
+                for reason in self.slots.reasons.get(u, []):
+                    lost.setdefault(reason, []).append(where)
+
+    def _stretches(self, r: int, names: dict[int, str], where: str, lost) -> tuple | None:
+        """The spec's segments of the concatenation ``r`` (adjacent fixed parts merged), or
+        None when ``r`` is no concatenation or none of its parts is permuted."""
+        if r not in self.slots.concat:
+            return None
+        out: list[list] = []
+        for p in self.slots.parts([r]):
+            group = names.get(p)
+            if group is None:
+                if p in self.slots.split and not all(self.slots.fixed(u)
+                                                     for u in self.slots.units([p])):
+                    raise AssertionError(f"{where}: a factorised part survived settle()")
+                self._lost(p, where, lost)
+                if out and out[-1][0] is None:
+                    out[-1][1] += self.slots.size[p]
+                    continue
+            out.append([group, self.slots.size[p]])
+        if all(g is None for g, _ in out):
+            return None
+        return tuple((g, n) for g, n in out)
 
     def _group_names(self, roots: set[int]) -> dict[int, str]:
         """root -> ``P_<label>`` from the earliest module-labelled member (parameter labels
@@ -313,6 +359,8 @@ class _Analysis(fx.Interpreter):
                         memo[r] = lab
                     elif lab[0] == "sub":
                         memo[r] = f"{name(self.slots.find(lab[1]))}#{lab[2]}"
+                    elif lab[0] == "part":
+                        memo[r] = f"{name(self.slots.find(lab[1]))}.part{lab[2]}"
                     else:
                         memo[r] = f"{lab[1]}:{lab[2]}"
             return memo[r]

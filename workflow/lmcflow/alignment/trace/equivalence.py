@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..spec import PermutationSpec, apply_permutation
+from ..spec import PermutationSpec, apply_permutation, axis_index
 from .slots import EquivalenceError
 from .tracer import _as_tuple
 
@@ -51,9 +51,10 @@ def _rel_error(a, b) -> float:
     return err
 
 
-def _axis_groups(spec: PermutationSpec, key: str, axis: int) -> list[tuple[int, str | None]]:
-    """(size, group) of the view axes that make up stored axis ``axis`` of ``key``."""
-    shape, ax = spec.shapes[key], spec.axes[key]
+def _axis_groups(spec: PermutationSpec, key: str, axis: int) -> list[tuple[int, Any]]:
+    """(size, group, None or segments) of the view axes that make up stored axis ``axis`` of
+    ``key``."""
+    shape, ax = spec.shapes[key], spec.entries(key)
     view = spec.reshape.get(key, shape)
     j = 0
     for i, n in enumerate(shape):
@@ -72,8 +73,9 @@ def _permute_dim(t: Tensor, dim: int, groups, perm) -> Tensor:
     sizes = [n for n, _ in groups]
     x = t.movedim(dim, -1).unflatten(-1, sizes)
     for i, (_, g) in enumerate(groups):
-        if g is not None and g in perm:
-            x = x.index_select(x.ndim - len(sizes) + i, perm[g])
+        index = axis_index(g, perm)
+        if index is not None:
+            x = x.index_select(x.ndim - len(sizes) + i, index.to(x.device))
     return x.flatten(-len(sizes)).movedim(-1, dim)
 
 
@@ -133,7 +135,8 @@ def _suspect(name: str, m: nn.Module, spec: PermutationSpec, group: str | None) 
     n = math.prod(s for s, _ in _axis_groups(spec, main, axes[0][1]))
     per_unit = [(main, axes[0][1])] + [(k, 0) for k in keys if k != main and spec.shapes[k] == (n,)]
     if group is not None:
-        has = [k for k, ax in per_unit if group in [g for _, g in _axis_groups(spec, k, ax)]]
+        has = [k for k, ax in per_unit if any(_carries(g, group) for _, g in
+                                              _axis_groups(spec, k, ax))]
         lacks = [k for k, _ in per_unit if k not in has]
         outside = any(k not in keys and k != main for k, _ in spec.groups[group])
         if has and lacks:
@@ -186,11 +189,26 @@ def _first_disagreement(model, spec, perm, state, inputs, rtol, call):
     return None
 
 
-def _with_axis(spec: PermutationSpec, key: str, axis: int, group: str | None) -> PermutationSpec:
-    """``spec`` with view axis ``axis`` of ``key`` set to ``group``."""
-    axes = dict(spec.axes)
-    axes[key] = tuple(group if i == axis else g for i, g in enumerate(axes[key]))
-    return PermutationSpec(axes, spec.shapes, spec.reshape)
+def _carries(entry, group: str) -> bool:
+    """Whether an axis entry (group, None or segments) carries ``group``."""
+    return entry == group or isinstance(entry, tuple) and any(g == group for g, _ in entry)
+
+
+def _with_axis(spec: PermutationSpec, key: str, axis: int, group: str | None,
+               remove: str | None = None) -> PermutationSpec:
+    """``spec`` with view axis ``axis`` of ``key`` set to ``group``; on a segmented axis, the
+    stretches of group ``remove`` fixed instead."""
+    axes, segments = dict(spec.axes), {k: dict(v) for k, v in spec.segments.items()}
+    segs = segments.get(key, {}).get(axis)
+    if segs is not None:
+        segs = tuple((None if g == remove else g, n) for g, n in segs)
+        if all(g is None for g, _ in segs):
+            del segments[key][axis]
+        else:
+            segments[key][axis] = segs
+    else:
+        axes[key] = tuple(group if i == axis else g for i, g in enumerate(axes[key]))
+    return PermutationSpec(axes, spec.shapes, spec.reshape, segments=segments)
 
 
 def _fix_for_group(spec, group, perm, breaks, near, modules) -> tuple[str, int, str] | None:
@@ -200,14 +218,15 @@ def _fix_for_group(spec, group, perm, breaks, near, modules) -> tuple[str, int, 
     members = spec.groups[group]
     p = {group: perm[group]}
     for key, axis in members:
-        if len(members) == 1 or not breaks(_with_axis(spec, key, axis, None), p):
+        if len(members) == 1 or not breaks(_with_axis(spec, key, axis, None, group), p):
             return key, axis, "remove"
     n, tried = spec.sizes[group], 0
     for name in near:
         for key in _module_keys(name, modules[name], spec):
             view = spec.reshape.get(key, spec.shapes[key])
             for axis, size in enumerate(view):
-                if size != n or spec.axes[key][axis] == group or tried >= 64:
+                if (size != n or spec.axes[key][axis] == group or tried >= 64
+                        or axis in spec.segments.get(key, {})):
                     continue
                 tried += 1
                 if not breaks(_with_axis(spec, key, axis, group), p):

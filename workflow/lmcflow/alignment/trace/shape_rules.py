@@ -58,8 +58,8 @@ def r_reshape(a: _Analysis, c: _Call):
                 dim.append(f)
                 factors.pop(0)
                 rem //= s
-            elif s % rem == 0:
-                factors[0:1] = S.split_slot(f, [rem, s // rem])
+            elif s % rem == 0 and (subs := S.split_slot(f, [rem, s // rem])):
+                factors[0:1] = subs
             else:
                 return _reshape_failed(a, c, x)
         dims.append(tuple(dim))
@@ -144,27 +144,43 @@ def _norm_dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
 
+def _part(a: _Analysis, dim: tuple[int, ...], n: int) -> int:
+    """One slot for a dimension of size ``n`` with slots ``dim`` (its factors tied to it): a
+    part of a concatenation. A single unit has nothing to permute: fixed."""
+    if n == 1:
+        s = a.slots.new(1)
+        a.slots.fix([s])
+        return s
+    if len(dim) == 1:
+        return dim[0]
+    s = a.slots.new(n)
+    a.slots.unify((s,), dim, "internal")
+    return s
+
+
+def _dim_of(a: _Analysis, parts: list[int]) -> tuple[int, ...]:
+    """The slots of a dimension made of ``parts`` (a concatenation unless there is one)."""
+    if len(parts) == 1:
+        return (parts[0],) if a.slots.size[a.slots.find(parts[0])] > 1 else ()
+    return (a.slots.concat_of(parts),)
+
+
 def r_cat(a: _Analysis, c: _Call):
-    """Other dimensions are tied across the operands; the concatenated dimension is fixed
-    (with a warning if it carried units): a consumer reading it would need a block-diagonal
-    permutation of one axis, which the spec format cannot express."""
+    """Other dimensions are tied across the operands; the concatenated dimension is the
+    concatenation of the operands' units (each operand keeps its own permutation: a consumer
+    sees a block-diagonal permutation, the spec's segments)."""
     b = c.bind(["tensors", "dim"])
     parts = [t for t in b["tensors"][1] if isinstance(t, _T)] if b["tensors"][1] else []
     if not parts or len(parts) != len(b["tensors"][0]):
         raise _Unsupported("operands")
     shape = tuple(c.value.shape)
     dim = _norm_dim(b.get("dim", (0, None))[0] or 0, len(shape))
-    reason = f"concatenated by {c.where} (a block-diagonal permutation is not expressible)"
-    sources = []
-    for t in parts:
-        if len(t.shape) != len(shape):
-            raise _Unsupported("operand ranks differ")
-        sources += list(t.dims[dim])
-        a.slots.fix(t.dims[dim], reason)
+    if any(len(t.shape) != len(shape) for t in parts):
+        raise _Unsupported("operand ranks differ")
     dims = list(a.broadcast([_T(t.dims[:dim] + ((),) + t.dims[dim + 1:],
                                 t.shape[:dim] + (1,) + t.shape[dim + 1:]) for t in parts],
                             shape[:dim] + (1,) + shape[dim + 1:], c))
-    dims[dim] = a.new_fixed(torch.empty(shape[dim]), reason, sources).dims[0]
+    dims[dim] = _dim_of(a, [_part(a, t.dims[dim], t.shape[dim]) for t in parts if t.shape[dim]])
     return _T(tuple(dims), shape)
 
 
@@ -181,37 +197,114 @@ def r_stack(a: _Analysis, c: _Call):
     return _T(tuple(dims), shape)
 
 
+def _split_dim(a: _Analysis, dim: tuple[int, ...], sizes: list[int], c: _Call
+               ) -> list[tuple[int, ...]]:
+    """Slots of the consecutive parts of sizes ``sizes`` of a dimension with slots ``dim``:
+    the dimension becomes their concatenation (a plain class is cut into parts, each with
+    its own permutation; a concatenation is cut where the parts fall inside its parts)."""
+    S = a.slots
+    roots = [S.find(s) for s in dim]  # parts of a plain class are named after it
+    parent = roots[0] if len(roots) == 1 and roots[0] not in S.concat else None
+    parts = [S.new(n, ("part", parent, i) if parent is not None else None) if n else None
+             for i, n in enumerate(sizes)]
+    for p, n in zip(parts, sizes):
+        if n == 1:
+            S.fix([p])
+    a.unify((S.concat_of([p for p in parts if p is not None]),), dim, c)
+    return [(p,) if n > 1 else () for p, n in zip(parts, sizes)]
+
+
 def r_chunk(a: _Analysis, c: _Call):
-    """chunk / split / unbind: equal parts refine the dimension into (part index, units),
-    the part index fixed; uneven parts fix the dimension."""
+    """chunk / split / tensor_split (equal or uneven parts, a list of sizes): the dimension
+    becomes the concatenation of the parts, each part with its own units (where a consumer
+    ties them, as a gate multiplying one half by the other does, they share them); unbind
+    fixes the dimension (its parts are single units)."""
     x = _x(c)
     pieces = list(c.value)
     if c.node.target == "unbind" or getattr(c.node.target, "__name__", "") == "unbind":
         dim = _norm_dim(c.args[1] if len(c.args) > 1 else c.kwargs.get("dim", 0), len(x.shape))
         a.slots.fix(x.dims[dim], f"unbound by {c.where}")
         return tuple(_T(x.dims[:dim] + x.dims[dim + 1:], tuple(p.shape)) for p in pieces)
-    dim = next((d for d in range(len(x.shape)) if pieces[0].shape[d] != x.shape[d]), None)
+    dim = next((d for d in range(len(x.shape))
+                if any(p.shape[d] != x.shape[d] for p in pieces)), None)
     if dim is None:
         return tuple(x for _ in pieces)
     sizes = [p.shape[dim] for p in pieces]
-    n, k = len(pieces), sizes[0]
-    if all(s == k for s in sizes) and n * k == x.shape[dim]:
-        part = (a.slots.new(n),) if n > 1 else ()
-        rest = (a.slots.new(k),) if k > 1 else ()
-        a.slots.fix(part)  # which part is structure, not units
-        a.unify(x.dims[dim], part + rest, c)
-        inner = rest
-    else:
-        reason = f"split unevenly by {c.where}"
-        a.slots.fix(x.dims[dim], reason)
-        return tuple(_T(x.dims[:dim] + a.new_fixed(torch.empty(s), reason, x.dims[dim]).dims
-                        + x.dims[dim + 1:], tuple(p.shape)) for p, s in zip(pieces, sizes))
-    return tuple(_T(x.dims[:dim] + (inner,) + x.dims[dim + 1:], tuple(p.shape)) for p in pieces)
+    if sum(sizes) != x.shape[dim]:
+        raise _Unsupported("parts do not cover the dimension")
+    return tuple(_T(x.dims[:dim] + (d,) + x.dims[dim + 1:], tuple(p.shape))
+                 for p, d in zip(pieces, _split_dim(a, x.dims[dim], sizes, c)))
+
+
+def _whole_parts(a: _Analysis, dim: tuple[int, ...], start: int, stop: int
+                 ) -> tuple[int, ...] | None:
+    """Slots of units ``start:stop`` of a dimension with slots ``dim`` when they are whole
+    parts of a concatenation (a slice of a branch's channels); None otherwise."""
+    S = a.slots
+    if len(dim) != 1 or S.find(dim[0]) not in S.concat:
+        return None
+    taken, offset = [], 0
+    for p in S.parts(dim):
+        if start <= offset and offset + S.size[p] <= stop:
+            taken.append(p)
+        elif offset < stop and start < offset + S.size[p]:
+            return None  # a part cut by the slice
+        offset += S.size[p]
+    return _dim_of(a, taken) if taken else None
+
+
+def _sliced(a: _Analysis, dim: tuple[int, ...], n: int, r: range, reason: str, c: _Call):
+    """Slots of the slice ``r`` of a dimension of size ``n``: the same (everything), whole
+    parts of a concatenation, one of equal consecutive blocks of a dimension that is no
+    concatenation (:func:`_block`), else fixed (picking units pins them; only the parts of a
+    concatenation it touches) for ``reason``."""
+    if len(r) == n and r.step == 1:
+        return dim
+    taken = _whole_parts(a, dim, r.start, r.stop) if r.step == 1 and len(r) else None
+    if taken is not None:
+        return taken
+    concat = len(dim) == 1 and a.slots.find(dim[0]) in a.slots.concat
+    if not concat and r.step == 1 and len(r) > 1 and n % len(r) == 0 and r.start % len(r) == 0:
+        return _block(a, c, dim, n // len(r), len(r))
+    a.slots.fix(_touched(a, dim, r), reason)
+    return a.new_fixed(torch.empty(len(r)), reason, dim).dims[0]
+
+
+def _touched(a: _Analysis, dim: tuple[int, ...], r: range) -> list[int]:
+    """The slots that the units ``r`` of a dimension lie in: the parts they touch when the
+    dimension is a concatenation, else the whole dimension."""
+    S = a.slots
+    if len(dim) != 1 or S.find(dim[0]) not in S.concat or not len(r):
+        return list(dim)
+    lo, hi, out, offset = min(r), max(r), [], 0
+    for p in S.parts(dim):
+        if offset <= hi and lo < offset + S.size[p]:
+            out.append(p)
+        offset += S.size[p]
+    return out
+
+
+def r_narrow(a: _Analysis, c: _Call):
+    """``narrow(dim, start, length)``: a slice of one dimension (see :func:`_sliced`)."""
+    b = c.bind(["input", "dim", "start", "length"])
+    x = _x(c)
+    d, start, length = (b[k][0] for k in ("dim", "start", "length"))
+    if not all(isinstance(v, int) for v in (d, start, length)):
+        raise _Unsupported("arguments")
+    d = _norm_dim(d, len(x.shape))
+    start = start + x.shape[d] if start < 0 else start
+    dims = list(x.dims)
+    dims[d] = _sliced(a, x.dims[d], x.shape[d], range(start, start + length),
+                      f"narrowed by {c.where}", c)
+    return _T(tuple(dims), tuple(c.value.shape))
 
 
 def r_getitem(a: _Analysis, c: _Call):
-    """Items of tuples pass their info; tensor indexing keeps full slices, fixes indexed or
-    sliced dimensions (an index picks a unit) and inserts size-1 dimensions for None."""
+    """Items of tuples pass their info; tensor indexing keeps full slices and slices of whole
+    parts of a concatenation, fixes other indexed or sliced dimensions (an index picks a unit)
+    and inserts size-1 dimensions for None. A slice that is one of equal consecutive blocks
+    keeps the units within the block (:func:`_block`); one integer index tensor gathers rows
+    (:func:`_index_rows`)."""
     obj, idx = c.ia[0], c.args[1]
     if not isinstance(obj, _T):
         if isinstance(obj, (list, tuple)):
@@ -220,7 +313,7 @@ def r_getitem(a: _Analysis, c: _Call):
     x = obj
     items = idx if isinstance(idx, tuple) else (idx,)
     if any(isinstance(i, (Tensor, list, bool)) for i in items):
-        raise _Unsupported("advanced indexing")
+        return _index_rows(a, c, x, items)
     used = sum(1 for i in items if i is not None and i is not Ellipsis)
     dims, d = [], 0
     reason = f"indexed by {c.where}"
@@ -236,12 +329,7 @@ def r_getitem(a: _Analysis, c: _Call):
             d += 1
         elif isinstance(item, slice):
             n = x.shape[d]
-            r = range(*item.indices(n))
-            if len(r) == n and r.step == 1:
-                dims.append(x.dims[d])
-            else:
-                a.slots.fix(x.dims[d], reason)
-                dims.append(a.new_fixed(torch.empty(len(r)), reason, x.dims[d]).dims[0])
+            dims.append(_sliced(a, x.dims[d], n, range(*item.indices(n)), reason, c))
             d += 1
         else:
             raise _Unsupported(f"index {item!r}")
@@ -250,6 +338,58 @@ def r_getitem(a: _Analysis, c: _Call):
     if len(dims) != len(shape):
         raise _Unsupported("index result")
     return _T(tuple(dims), shape)
+
+
+def _block(a: _Analysis, c: _Call, dim: tuple[int, ...], blocks: int, k: int):
+    """One of ``blocks`` equal consecutive blocks of a dimension (``qkv[:, C:2*C]``): the
+    dimension is (block index, units within a block), the block index fixed (which block is
+    structure, as for ``chunk``), the units within a block pass to the result."""
+    part = (a.slots.new(blocks),) if blocks > 1 else ()
+    inner = (a.slots.new(k),) if k > 1 else ()
+    a.slots.fix(part)
+    a.unify(dim, part + inner, c)
+    return inner
+
+
+def _index_rows(a: _Analysis, c: _Call, x: _T, items):
+    """``x[idx]`` with one integer index tensor (a gather of rows, e.g. a relative position
+    bias table read at a buffer of positions): rows are picked by value, so x's first
+    dimension is fixed (silently: like an embedding's vocabulary, it is addressed, not
+    mixed); the result has the index's dimensions, then x's remaining ones."""
+    idx, info = items[0], c.ia[1]
+    if (len(items) != 1 or not isinstance(idx, Tensor) or idx.dtype in (torch.bool, torch.uint8)
+            or idx.is_floating_point() or not isinstance(info, _T)):
+        raise _Unsupported("advanced indexing")
+    a.slots.fix(x.dims[0])
+    return _T(info.dims + x.dims[1:], tuple(c.value.shape))
+
+
+def r_roll(a: _Analysis, c: _Call):
+    """A cyclic shift (``torch.roll``): the rolled dimensions are positions, fixed; the
+    others pass."""
+    x = _x(c)
+    dims = c.bind(["input", "shifts", "dims"]).get("dims", (None,))[0]
+    if dims is None or dims == ():
+        raise _Unsupported("roll of the flattened tensor")
+    for d in (dims,) if isinstance(dims, int) else dims:
+        a.slots.fix(x.dims[_norm_dim(d, len(x.shape))], f"rolled by {c.where}")
+    return _T(x.dims, tuple(c.value.shape))
+
+
+def r_patch_merging_pad(a: _Analysis, c: _Call):
+    """torchvision Swin's ``_patch_merging_pad`` (kept as one node by ``torch.fx.wrap``):
+    ``(..., H, W, C) -> (..., H/2, W/2, 4*C)``, the 2x2 neighbours of every patch concatenated
+    along channels. Positions are fixed; the channel dimension is (neighbour, C), the
+    neighbour index fixed and C the input's units: all four copies are permuted alike, which
+    a ``(4, C)`` view expresses (the LayerNorm over 4*C and the reduction Linear read it)."""
+    x, shape = _x(c), tuple(c.value.shape)
+    if len(x.shape) < 3 or shape[-1] != 4 * x.shape[-1]:
+        raise _Unsupported("layout")
+    pos = _flat(x.dims[-3:-1])
+    a.slots.fix(pos, f"merged by {c.where}")
+    hw = a.new_fixed(torch.empty(shape[-3:-1]), f"merged by {c.where}", pos).dims
+    four = a.new_fixed(torch.empty(4), None).dims[0]
+    return _T(x.dims[:-3] + hw + (four + x.dims[-1],), shape)
 
 
 def r_matmul(a: _Analysis, c: _Call):

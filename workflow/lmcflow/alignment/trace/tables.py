@@ -19,10 +19,11 @@ from .layer_rules import (
 )
 from .shape_rules import (
     _x, r_arg_reduce, r_cat, r_chunk, r_einsum, r_elementwise, r_expand, r_getitem,
-    r_interpolate, r_matmul, r_max_min, r_pad, r_pool, r_reduce, r_reorder, r_repeat,
-    r_reshape, r_sdpa, r_self, r_stack,
+    r_interpolate, r_matmul, r_max_min, r_narrow, r_pad, r_pool, r_reduce, r_reorder, r_repeat,
+    r_patch_merging_pad, r_reshape, r_roll, r_sdpa, r_self, r_stack,
 )
 from .slots import _Call, _Unsupported
+from .through import r_through
 
 
 PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -89,7 +90,8 @@ FUNCTION_RULES.update({
     torch.max: r_max_min, torch.min: r_max_min, torch.argmax: r_arg_reduce,
     torch.argmin: r_arg_reduce,
     torch.cat: r_cat, torch.concat: r_cat, torch.concatenate: r_cat, torch.stack: r_stack,
-    torch.chunk: r_chunk, torch.split: r_chunk, torch.unbind: r_chunk,
+    torch.chunk: r_chunk, torch.split: r_chunk, torch.tensor_split: r_chunk,
+    torch.unbind: r_chunk, torch.narrow: r_narrow,
     operator.getitem: r_getitem,
     operator.matmul: r_matmul, torch.matmul: r_matmul, torch.bmm: r_matmul, torch.mm: r_matmul,
     torch.einsum: r_einsum, F.scaled_dot_product_attention: r_sdpa,
@@ -101,8 +103,15 @@ FUNCTION_RULES.update({
     F.adaptive_avg_pool2d: r_pool, F.adaptive_avg_pool3d: r_pool,
     F.adaptive_max_pool1d: r_pool, F.adaptive_max_pool2d: r_pool,
     F.adaptive_max_pool3d: r_pool, F.interpolate: r_interpolate, F.pad: r_pad,
-    torch.broadcast_to: r_expand,
+    torch.broadcast_to: r_expand, torch.roll: r_roll,
 })
+try:  # torchvision Swin's patch merging, kept as one node by torch.fx.wrap (its attention
+    # functions are traced through instead: .through)
+    from torchvision.models.swin_transformer import _patch_merging_pad
+
+    FUNCTION_RULES[_patch_merging_pad] = r_patch_merging_pad
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    pass
 
 
 def _getattr_rule(a, c):
@@ -142,8 +151,11 @@ for _name in ("sum", "mean", "amax", "amin", "std", "var", "norm", "logsumexp", 
 METHOD_RULES.update({"max": r_max_min, "min": r_max_min, "argmax": r_arg_reduce,
                      "argmin": r_arg_reduce, "expand": r_expand, "expand_as": r_expand,
                      "broadcast_to": r_expand, "repeat": r_repeat, "chunk": r_chunk,
-                     "split": r_chunk, "unbind": r_chunk, "matmul": r_matmul, "bmm": r_matmul,
-                     "mm": r_matmul, "__matmul__": r_matmul})
+                     "split": r_chunk, "tensor_split": r_chunk, "unbind": r_chunk,
+                     "narrow": r_narrow, "matmul": r_matmul, "bmm": r_matmul,
+                     "mm": r_matmul, "__matmul__": r_matmul, "roll": r_roll,
+                     # in place, values constant along every dimension
+                     "zero_": r_self, "fill_": r_self})
 
 
 
@@ -156,4 +168,4 @@ def r_constant(a: _Analysis, c: _Call):
 FUNCTION_RULES.update({f: r_constant for f in CONSTANT_FACTORIES})
 METHOD_RULES.update({n: r_constant for n in ("new_zeros", "new_ones", "new_full", "new_empty")})
 
-RULES = Rules(MODULE_RULES, METHOD_RULES, FUNCTION_RULES)
+RULES = Rules(MODULE_RULES, METHOD_RULES, FUNCTION_RULES, r_through)
