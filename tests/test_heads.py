@@ -35,8 +35,9 @@ def planted(spec, state, seed, noise=1e-3):
     return b, invert_permutation(pi)
 
 
-def check_recovered(spec, state_a, state_b, truth, seed=0):
-    """Weight matching (visiting order ``seed``) finds ``truth`` with at least one joint step."""
+def check_recovered(spec, state_a, state_b, truth, seed=0, joint=True):
+    """Weight matching (visiting order ``seed``) finds ``truth`` (with ``joint``: using at least
+    one joint step)."""
     logs = []
     perm, info = weight_matching(spec, state_a, state_b, seed=seed, log=logs.append)
     wrong = sorted(g for g in spec.sizes if not torch.equal(perm[g], truth[g]))
@@ -47,7 +48,7 @@ def check_recovered(spec, state_a, state_b, truth, seed=0):
     # the float64 accounting (single moves and joint steps) matches the objective recomputed
     assert info["objective"] == pytest.approx(matching_objective(spec, state_a, state_b, perm),
                                               rel=1e-9)
-    assert info["joint_steps"] >= 1
+    assert info["joint_steps"] >= 1 or not joint
     return info
 
 
@@ -90,9 +91,8 @@ def test_builtin_vit_planted_permutation_recovered(seed, order):
     check_recovered(spec, state_a, state_b, truth, seed=order)  # the stream early (*)
 
 
-# (*) Other visiting orders can leave an untrained ViT's residual stream at a wrong local
-# optimum (its LayerNorm weights are all ones and carry no signal), a failure of single moves
-# that the joint step of the heads does not address.
+# (*) Other visiting orders could leave an untrained ViT's residual stream at a wrong local
+# optimum (its LayerNorm weights are all ones and carry no signal): see the first solves below.
 
 
 @pytest.mark.parametrize("seed,order", [(14, 0), (14, 14)])
@@ -108,3 +108,29 @@ def test_torchvision_vit_planted_permutation_recovered(seed, order):
     state_a = model.state_dict()
     state_b, truth = planted(spec, state_a, seed)
     check_recovered(spec, state_a, state_b, truth, seed=order)
+
+
+# --- first solves: the residual stream in any visiting order ----------------------------------
+# Before a group's first solve left out the tensors through groups not visited yet, these
+# orders (the stream visited after most blocks) ended with every group wrong (17/17, 7/7).
+
+
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_builtin_vit_stream_found_in_late_orders(seed):
+    torch.manual_seed(seed)
+    model = build_model("vit", (1, 28, 28), 10)
+    spec = permutation_spec(model)
+    state_a = model.state_dict()
+    state_b, truth = planted(spec, state_a, seed)
+    check_recovered(spec, state_a, state_b, truth, seed=seed, joint=False)
+
+
+def test_torchvision_vit_stream_found_in_a_late_order():
+    vision_transformer = pytest.importorskip("torchvision.models.vision_transformer")
+    torch.manual_seed(12)
+    model = vision_transformer.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
+                                                 num_heads=4, hidden_dim=64, mlp_dim=128)
+    spec = permutation_spec(model, torch.zeros(1, 3, 32, 32))
+    state_a = model.state_dict()
+    state_b, truth = planted(spec, state_a, 12)
+    check_recovered(spec, state_a, state_b, truth, seed=12, joint=False)
