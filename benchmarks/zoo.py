@@ -151,9 +151,10 @@ def _short(reasons: str) -> str:
     return reasons.split("left unpermuted: ", 1)[-1] if reasons else ""
 
 
-def recover(model: nn.Module, spec, seed: int = 0) -> tuple[str, float]:
+def recover(model: nn.Module, spec, seed: int = 0, first_solve: str = "all"
+            ) -> tuple[str, float]:
     """Plant a random permutation (B = π(A) + 1e-3 noise) and count the groups weight matching
-    gets right: "right/total"."""
+    (with ``first_solve``) gets right: "right/total"."""
     gen = torch.Generator().manual_seed(seed)
     state_a = {k: v.detach().clone() for k, v in model.state_dict().items()}
     planted = random_permutation(spec, gen)
@@ -161,14 +162,15 @@ def recover(model: nn.Module, spec, seed: int = 0) -> tuple[str, float]:
     state_b = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
                for k, v in state_b.items()}
     start = time.perf_counter()
-    perm, _ = weight_matching(spec, state_a, state_b, seed=seed)
+    perm, _ = weight_matching(spec, state_a, state_b, seed=seed, first_solve=first_solve)
     seconds = time.perf_counter() - start
     truth = invert_permutation(planted)
     right = sum(torch.equal(perm[g], truth[g]) for g in spec.sizes)
     return f"{right}/{len(spec.sizes)}", seconds
 
 
-def run(source: str, name: str, max_params: float, recover_names, timeout: int) -> dict:
+def run(source: str, name: str, max_params: float, recover_names, timeout: int,
+        first_solve: str = "all") -> dict:
     row = dict.fromkeys(COLUMNS, "")
     row.update(source=source, model=name)
     params = _param_count(source, name)
@@ -215,7 +217,7 @@ def run(source: str, name: str, max_params: float, recover_names, timeout: int) 
             row.update(status=f"not equivalent: {str(e)[:160]}", max_rel_error=f"{e.error:.1e}")
         row["check_s"] = round(time.perf_counter() - start, 2)
         if name in recover_names and row["status"] == "ok":
-            row["recovered"], seconds = recover(model, spec)
+            row["recovered"], seconds = recover(model, spec, first_solve=first_solve)
             row["recover_s"] = round(seconds, 1)
     except _Timeout:
         row["status"] = f"timeout (> {timeout} s)"
@@ -288,6 +290,8 @@ def main() -> None:
                         help="also timm models: a chosen subset, or those matching PATTERN")
     parser.add_argument("--recover", nargs="*", default=[], metavar="NAME",
                         help="planted-permutation recovery by weight matching for these models")
+    parser.add_argument("--first-solve", choices=["all", "visited"], default="all",
+                        help="weight matching's first_solve for --recover (all: Git Re-Basin)")
     parser.add_argument("--max-params", type=float, default=350e6)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per model")
     parser.add_argument("--threads", type=int, default=2)
@@ -302,7 +306,8 @@ def main() -> None:
     print("-" * len(header), flush=True)
     rows = []
     for source, name in models:
-        row = run(source, name, args.max_params, set(args.recover), args.timeout)
+        row = run(source, name, args.max_params, set(args.recover), args.timeout,
+                  args.first_solve)
         rows.append(row)
         print(_fmt(row), flush=True)
         if args.out:

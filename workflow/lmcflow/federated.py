@@ -214,7 +214,8 @@ def aggregate(clients: Sequence[nn.Module], opts: Sequence[torch.optim.Optimizer
         m = matching or {}
         for k, (model, opt) in enumerate(zip(clients, opts)):
             perm, info = weight_matching(spec, previous_global, states[k],
-                                         max_sweeps=m.get("max_sweeps", 100), seed=m.get("seed", 0))
+                                         max_sweeps=m.get("max_sweeps", 100), seed=m.get("seed", 0),
+                                         first_solve=m.get("first_solve", "all"))
             states[k] = apply_permutation(spec, perm, states[k])
             model.load_state_dict(states[k])  # what the client keeps (bn: local) is permuted too
             moved = sum(int((p != torch.arange(len(p))).sum()) for p in perm.values())

@@ -227,7 +227,7 @@ def federated_params(wildcards):
            "federated": e["federated"], "aggregation": wildcards.aggregation,
            "seed": int(wildcards.seed)}
     if wildcards.aggregation == "aligned":
-        run["matching"] = {k: e["matching"][k] for k in ("max_sweeps", "seed")}
+        run["matching"] = {k: e["matching"][k] for k in ("max_sweeps", "seed", "first_solve")}
     if model_files(e):
         run["model_code"] = model_files(e)
     return canonical(run)

@@ -29,7 +29,8 @@ class Matcher:
 
 def _weight(spec, model_a, model_b, options, data, device, log):
     return weight_matching(spec, model_a.state_dict(), model_b.state_dict(),
-                           max_sweeps=options["max_sweeps"], seed=options["seed"], log=log)
+                           max_sweeps=options["max_sweeps"], seed=options["seed"], log=log,
+                           first_solve=options.get("first_solve", "all"))
 
 
 def _activation(spec, model_a, model_b, options, data, device, log):

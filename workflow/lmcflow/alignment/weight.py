@@ -270,12 +270,11 @@ def _exact_gain(a: Tensor, b: Tensor, units: Tensor, new: Tensor, old: Tensor) -
 def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
                     state_b: Mapping[str, Tensor], max_sweeps: int = 100, seed: int = 0,
                     log: Callable[[str], None] | None = None, dtype: torch.dtype = torch.float32,
-                    device=None) -> tuple[dict[str, Tensor], dict]:
+                    device=None, first_solve: str = "all") -> tuple[dict[str, Tensor], dict]:
     """Permutation of B maximising ``sum_k <A[k], perm(B)[k]>`` by coordinate ascent.
 
     Starting from the identity, each sweep visits every group once, in an order drawn from a
-    generator seeded with ``seed`` (a group's first solve leaves out the tensors through groups
-    not visited yet, see :func:`_solve`); for group P, with all other groups fixed,
+    generator seeded with ``seed``; for group P, with all other groups fixed,
     ``C = sum_{(k, axis) in P} A_k(axis first, flattened) @ B'_k(axis first, flattened)^T``
     (``B'`` = B with the other groups' current permutations) is a linear assignment problem
     solved exactly (:func:`.assignment.solve` on the CPU: lap or scipy); an axis concatenated
@@ -290,6 +289,12 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
     within-head group given the new heads (:func:`_joint_step`); a step is kept only when its
     exact float64 gain is positive, and the sweep then counts as changed. Stops after a sweep
     without change or ``max_sweeps`` sweeps.
+
+    ``first_solve``: ``"all"`` (Git Re-Basin) solves every group on all its tensors from the
+    first sweep on; ``"visited"`` solves a group's first visit on the tensors whose other groups
+    have been visited already (see :func:`_solve`), which finds the residual stream of an
+    untrained ViT or Swin where "all" stops with every group wrong, at the price of departing
+    from the reference algorithm (so it is not the default).
 
     C is computed in ``dtype`` (float32 by default, float64 for the reference computation),
     one matmul per group on ``device`` (default: ``state_a``'s). P changes only if the change
@@ -313,6 +318,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
         raise ValueError("the spec has no permuted tensors")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point type, got {dtype}")
+    if first_solve not in ("all", "visited"):
+        raise ValueError(f"first_solve must be 'all' or 'visited', got {first_solve!r}")
     device = torch.device(state_a[spec.cost_keys[0]].device if device is None else device)
     A, B = _cost_tensors(spec, state_a, device), _cost_tensors(spec, state_b, device)
     # Stored in a dtype that holds the weights exactly, so that gains are exact; the matmul
@@ -370,10 +377,12 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor],
                 continue
             dirty.discard(group)
             solves += 1
-            # first visit: leave out the tensors through groups not visited yet (see _solve);
-            # where fewer rows than units remain (a bias alone: a degenerate assignment, and
-            # slow), the group waits at the identity for the next sweep, solved on all tensors
-            unseen = None if group in visited else set(names) - visited - {group}
+            # first_solve="visited", first visit: leave out the tensors through groups not
+            # visited yet (see _solve); where fewer rows than units remain (a bias alone: a
+            # degenerate assignment, and slow), the group waits at the identity for the next
+            # sweep, solved on all tensors
+            unseen = None if first_solve == "all" or group in visited \
+                else set(names) - visited - {group}
             visited.add(group)
             if unseen is not None and _seen_rows(groups[group], unseen) < groups[group].n:
                 dirty.add(group)
