@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import fnmatch
 import gc
 import signal
 import sys

@@ -22,6 +22,7 @@ from test_matching import assert_same_function, nontrivial_permutation
 from lmcflow.alignment import (EquivalenceError, PermutationSpec, SpecWarning, activation_matching,
                                apply_permutation, check_equivalence, invert_permutation,
                                matching_objective, trace_spec, weight_matching)
+from lmcflow.alignment.trace import summary
 from lmcflow.interpolation import lmc_curve
 from lmcflow.metrics import barrier
 
@@ -537,6 +538,8 @@ def test_torchvision_concatenating_models(name):
         spec = trace_spec(model, x)
     assert check_equivalence(model, spec, x)["max_rel_error"] < 1e-4
     share, fixed = permuted_share(model, spec)
+    permuted, total = summary.permuted_share(spec, model)  # what the log and the zoo report
+    assert permuted / total == pytest.approx(share, abs=1e-12)
     if name == "shufflenet_v2_x0_5":
         assert share > 0.95
         assert [str(w.message) for w in caught if "channel shuffle" not in str(w.message)] == []

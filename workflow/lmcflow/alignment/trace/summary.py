@@ -35,14 +35,21 @@ def permuted_share(spec: PermutationSpec, model: nn.Module) -> tuple[int, int]:
     permuted = total = 0
     for key, p in model.named_parameters():
         total += p.numel()
-        if any(g is not None for g in spec.axes.get(key, ())):
+        if key in spec.axes and any(_permuted(e) for e in spec.entries(key)):
             permuted += p.numel()
     return permuted, total
 
 
+def _permuted(entry) -> bool:
+    """A view axis entry (group, None or segments) that moves some of its units."""
+    if isinstance(entry, tuple):  # segments: ((group or None, length), ...)
+        return any(g is not None for g, _ in entry)
+    return entry is not None
+
+
 def _stored_axis_groups(spec: PermutationSpec, key: str, axis: int) -> list[str | None]:
     """The groups of the view axes that make up stored axis ``axis`` of ``key``."""
-    shape, ax = spec.shapes[key], spec.axes[key]
+    shape, ax = spec.shapes[key], [e if _permuted(e) else None for e in spec.entries(key)]
     view = spec.reshape.get(key, shape)
     j = 0
     for i, n in enumerate(shape):
