@@ -9,7 +9,8 @@ Per model, one at a time (built, measured, freed): build it untrained (random in
 with ``num_classes=10`` and the smallest input of 64, 128, 224, 299 pixels it accepts (ViTs get
 ``image_size``/``img_size`` 64 where their builder takes it); :func:`trace_spec` on a batch-1
 input; :func:`check_equivalence` (a seeded random permutation through the spec, on the model and
-on a perturbed copy of its weights) on a batch of 2; the share of the parameters that lie on a
+on a perturbed copy of its weights) on a batch of 2, after BatchNorm statistics from one
+training-mode pass on 8 random images; the share of the parameters that lie on a
 permuted axis; the groups; what stayed unpermuted and why (the tracer's one summary warning);
 wall times. ``--recover NAME ...``: plant a random permutation (B = π(A) + 1e-3 noise) and count
 the groups that weight matching gets wrong. Models above ``--max-params`` are skipped with a
@@ -210,6 +211,7 @@ def run(source: str, name: str, max_params: float, recover_names, timeout: int,
         start = time.perf_counter()
         try:
             x = torch.randn(2, 3, size, size, generator=gen)
+            _calibrate_norms(model, torch.randn(8, 3, size, size, generator=gen))
             result = check_equivalence(model, spec, x)
             row.update(status="ok", max_rel_error=f"{result['max_rel_error']:.1e}")
         except EquivalenceError as e:
@@ -227,6 +229,26 @@ def run(source: str, name: str, max_params: float, recover_names, timeout: int,
         del model, spec
         gc.collect()
     return row
+
+
+@torch.no_grad()
+def _calibrate_norms(model: nn.Module, x: torch.Tensor) -> None:
+    """BatchNorm statistics of one training-mode pass on ``x`` (as after training, where
+    they match the activations; at their initial 0/1 a net such as GoogLeNet, with its
+    0.01-std weights, gives the same output for every input, and no check can see a
+    permutation)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: after one pass, the batch's statistics
+    model.train()
+    model(x)
+    model.eval()
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
 
 
 def _models(args) -> list[tuple[str, str]]:
