@@ -1,0 +1,124 @@
+"""Merging many models (lmcflow.alignment.merge): K = 2 is pair alignment, planted permutations
+are recovered, a self-merge changes nothing; the config refuses k < 2."""
+
+import pytest
+import torch
+
+from lmcflow.alignment import (apply_permutation, identity_permutation, permutation_spec,
+                               random_permutation, weight_matching)
+from lmcflow.alignment.merge import average_states, merge_many
+from lmcflow.data import Data, MNIST_MEAN, MNIST_STD
+from lmcflow.models import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _mlp(seed, width=32):
+    torch.manual_seed(seed)
+    return build_model("mlp", (1, 8, 8), 10, width=width, depth=2)
+
+
+def _data(n=64, seed=0) -> Data:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return Data("toy", x, y, x, y, MNIST_MEAN, MNIST_STD, 10)
+
+
+def _equal(p, q):
+    return p.keys() == q.keys() and all(torch.equal(p[g], q[g]) for g in p)
+
+
+def test_two_runs_is_pair_alignment():
+    a, b = _mlp(0), _mlp(1)
+    spec = permutation_spec(a)
+    sa, sb = a.state_dict(), b.state_dict()
+    aligned, perms, info = merge_many(spec, [sa, sb], "weight", {"max_sweeps": 100, "seed": 0})
+    pair, _ = weight_matching(spec, sa, sb, max_sweeps=100, seed=0)
+    assert _equal(perms[0], identity_permutation(spec))
+    assert _equal(perms[1], pair)
+    assert not _equal(pair, identity_permutation(spec))  # the test means something
+    assert all(torch.equal(aligned[0][k], sa[k]) for k in sa)
+    expected = apply_permutation(spec, pair, sb)
+    assert all(torch.equal(aligned[1][k], expected[k]) for k in sb)
+    assert info["converged"] and info["passes"] == 1 and info["changed"] == [1, 0]
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_planted_permutations_are_recovered(k):
+    """K permuted copies of one network: the merged average computes what the original does."""
+    model = _mlp(0)
+    spec = permutation_spec(model)
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(3)
+    planted = [random_permutation(spec, g) for _ in range(k - 1)]
+    states = [state] + [apply_permutation(spec, p, state) for p in planted]
+    aligned, perms, info = merge_many(spec, states, "weight", {"max_sweeps": 100, "seed": 0},
+                                      seed=1)
+    assert info["converged"]
+    for s in aligned:
+        assert all(torch.allclose(s[key], state[key]) for key in state)
+    merged = _mlp(5)
+    merged.load_state_dict(average_states(aligned))
+    x = torch.randn(16, 1, 8, 8)
+    assert torch.allclose(merged(x), model(x), atol=1e-5)
+    # the unaligned average is another function (the test would notice a merge that did nothing)
+    merged.load_state_dict(average_states(states))
+    assert not torch.allclose(merged(x), model(x), atol=1e-2)
+
+
+@pytest.mark.parametrize("matcher", ["weight", "activation"])
+def test_self_merge_changes_nothing(matcher):
+    model = _mlp(0)
+    spec = permutation_spec(model)
+    state = model.state_dict()
+    data = _data()
+    options = {"max_sweeps": 100, "seed": 0, "batches": 1, "batch_size": 64,
+               "cost": "correlation", "residual": "pooled"}
+
+    def prepare(s):
+        m = _mlp(9)
+        m.load_state_dict(s)
+        return m.eval()
+
+    aligned, perms, info = merge_many(spec, [state] * 3, matcher, options, prepare=prepare,
+                                      data=lambda: data)
+    assert info["passes"] == 1 and info["changed"] == [0, 0]
+    for p, s in zip(perms, aligned):
+        assert _equal(p, identity_permutation(spec))
+        assert all(torch.equal(s[key], state[key]) for key in state)
+
+
+def test_activation_merge_recovers_planted():
+    model = _mlp(0)
+    spec = permutation_spec(model)
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(4)
+    planted = [random_permutation(spec, g) for _ in range(2)]
+    states = [state] + [apply_permutation(spec, p, state) for p in planted]
+    data = _data(256)
+
+    def prepare(s):
+        m = _mlp(9)
+        m.load_state_dict(s)
+        return m.eval()
+
+    options = {"max_sweeps": 100, "seed": 0, "batches": 1, "batch_size": 256,
+               "cost": "correlation", "residual": "pooled"}
+    aligned, _, info = merge_many(spec, states, "activation", options, prepare=prepare,
+                                  data=lambda: data)
+    assert info["converged"]
+    for s in aligned:
+        assert all(torch.allclose(s[key], state[key]) for key in state)
+
+
+def test_one_run_is_refused():
+    model = _mlp(0)
+    with pytest.raises(ValueError, match="at least 2"):
+        merge_many(permutation_spec(model), [model.state_dict()])
