@@ -8,7 +8,7 @@ from lmcflow.alignment import (apply_permutation, identity_permutation, permutat
                                random_permutation, weight_matching)
 from lmcflow.alignment.merge import average_states, merge_many
 from lmcflow.data import Data, MNIST_MEAN, MNIST_STD
-from lmcflow.models import build_model
+from lmcflow.models import build_model, feature_layers
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -128,3 +128,89 @@ def test_one_run_is_refused():
     model = _mlp(0)
     with pytest.raises(ValueError, match="at least 2"):
         merge_many(permutation_spec(model), [model.state_dict()])
+
+
+# ------------------------------------------------------------- evaluation, config, figure
+
+
+def _build():
+    return _mlp(9)
+
+
+@pytest.mark.parametrize("bn", ["interpolate", "repair"])
+def test_merged_planted_copies_evaluate_as_the_original(bn):
+    """Three permuted copies: after weight MergeMany the average's error is the original's and
+    the K-way LLFC is exact (1 − cos = 0, c = 1); unaligned it is not."""
+    from lmcflow.merging import evaluate_merge, merge_runs
+
+    model = _mlp(0)
+    spec = permutation_spec(model)
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(5)
+    states = [state] + [apply_permutation(spec, random_permutation(spec, g), state)
+                        for _ in range(2)]
+    data = _data(128)
+    layers = feature_layers(model)
+    samples = torch.arange(32).numpy()
+    aligned, info = merge_runs(spec, _build, states, "weight", {"max_sweeps": 100, "seed": 0},
+                               data)
+    table = evaluate_merge(_build, aligned, data, samples, layers, bn, batch_size=16)
+    ev = table[table["kind"] == "evaluation"].set_index(["split", "model"])
+    for split in ("train", "test"):
+        assert ev.loc[(split, "average"), "error"] == pytest.approx(ev.loc[(split, "members"), "error"])
+        assert ev.loc[(split, "average"), "loss"] == pytest.approx(ev.loc[(split, "members"), "loss"],
+                                                                    rel=1e-4)
+    ft = table[table["kind"] == "features"]
+    assert len(ft) == len(layers)
+    assert ft["one_minus_cos"].abs().max() < 1e-6
+    # REPAIR rescales with its own estimate of the statistics (and an epsilon): c within 1e-3
+    assert ft["coef_c"].to_numpy() == pytest.approx(1.0, abs=1e-5 if bn != "repair" else 1e-3)
+    unaligned, _ = merge_runs(spec, _build, states, "none", {}, data)
+    ft = evaluate_merge(_build, unaligned, data, samples, layers, bn, batch_size=16)
+    assert ft.loc[ft["kind"] == "features", "one_minus_cos"].max() > 1e-3
+
+
+def _config(merge):
+    return {"experiments": {"m": {"model": {"arch": "mlp", "width": 16, "depth": 1},
+                                  "merge": merge}}}
+
+
+def test_schema_refuses_k_below_two_and_is_off_by_default():
+    from lmcflow.config import ConfigError, merge_runs, validate
+
+    with pytest.raises(ConfigError, match="merge"):
+        validate(_config({"k": [1, 3]}))
+    e = validate({"experiments": {"m": {"model": {"arch": "mlp", "width": 16, "depth": 1}}}}
+                 )["experiments"]["m"]
+    assert e["merge"]["k"] == [] and merge_runs(e) == []
+    e = validate(_config({"k": [2, 4]}))["experiments"]["m"]
+    assert e["merge"]["methods"] == ["none", "weight", "activation"]
+    assert merge_runs(e) == ["seed0", "seed1", "seed2", "seed3"]
+
+
+def test_fig19_draws_and_fits_a_page(tmp_path):
+    import pandas as pd
+
+    from lmcflow.figures import FIGURES, PAGE_HEIGHT, PAGE_WIDTH
+
+    rows = []
+    for method in ("none", "weight", "activation"):
+        for k in (2, 3, 4, 5):
+            for bn in ("reset", "repair"):
+                for model in ("average", "members", "ensemble"):
+                    rows.append({"experiment": "mlp", "method": method, "k": k, "bn": bn,
+                                 "kind": "evaluation", "split": "test", "model": model,
+                                 "loss": 0.1, "error": 0.02 * k})
+                for i in range(3):
+                    rows.append({"experiment": "mlp", "method": method, "k": k, "bn": bn,
+                                 "kind": "features", "layer": f"fc{i}", "layer_index": i,
+                                 "one_minus_cos": 0.01 * k})
+    out = tmp_path / "fig19.pdf"
+    FIGURES["fig19"](pd.DataFrame(rows), out)
+    assert out.exists() and out.with_suffix(".png").exists()
+    import matplotlib.pyplot as plt
+
+    from lmcflow.figures import PNG_DPI
+
+    png = plt.imread(out.with_suffix(".png"))
+    assert png.shape[1] <= PAGE_WIDTH * PNG_DPI + 1 and png.shape[0] <= PAGE_HEIGHT * PNG_DPI + 1
