@@ -214,3 +214,49 @@ def test_fig19_draws_and_fits_a_page(tmp_path):
 
     png = plt.imread(out.with_suffix(".png"))
     assert png.shape[1] <= PAGE_WIDTH * PNG_DPI + 1 and png.shape[0] <= PAGE_HEIGHT * PNG_DPI + 1
+
+
+def test_kway_llfc_is_against_the_mean_of_the_runs_features():
+    """Three different runs (no BatchNorm, policy interpolate): the features rows equal 1 − cos
+    between f(average) and the mean of the three runs' features, computed here directly."""
+    from lmcflow.finetune import compare
+    from lmcflow.merging import evaluate_merge
+
+    states = [_mlp(s).state_dict() for s in range(3)]
+    model = _mlp(0)
+    layers = feature_layers(model)
+    data = _data(64)
+    samples = torch.arange(24).numpy()
+    table = evaluate_merge(_build, states, data, samples, layers, "interpolate", batch_size=24)
+    ft = table[table["kind"] == "features"].set_index("layer")
+    from lmcflow.features import capture
+
+    x = data.normalize(data.test_x[:24])
+    feats = []
+    for s in [average_states(states), *states]:
+        m = _build()
+        m.load_state_dict(s)
+        with capture(m.eval(), layers) as store:
+            m(x)
+        feats.append(dict(store))
+    for layer in layers:
+        mean = torch.stack([f[layer].double() for f in feats[1:]]).mean(0)
+        want = compare(feats[0][layer], mean)["one_minus_cos"].mean()
+        assert ft.loc[layer, "one_minus_cos"] == pytest.approx(want, rel=1e-6, abs=1e-12)
+
+
+def test_kway_repair_targets_the_mean_of_the_runs_statistics():
+    """REPAIR of a K-way average: every unit's mean and std become the mean over the K runs of
+    theirs (not one run's)."""
+    from lmcflow.merging import _policy_networks
+    from lmcflow.repair import unit_statistics
+
+    states = [_mlp(s).state_dict() for s in range(3)]
+    data = _data(256)
+    average, members = _policy_networks(_build, states, data, "repair", 256, "cpu", False)
+    stats = [unit_statistics(m, data.train_x, data.normalize, 256) for m in members]
+    got = unit_statistics(average, data.train_x, data.normalize, 256)
+    for key in got:
+        for j in (0, 1):
+            target = torch.stack([s[key][j] for s in stats]).mean(0)
+            assert torch.allclose(got[key][j], target, rtol=1e-3, atol=1e-4), key
