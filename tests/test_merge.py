@@ -260,3 +260,13 @@ def test_kway_repair_targets_the_mean_of_the_runs_statistics():
         for j in (0, 1):
             target = torch.stack([s[key][j] for s in stats]).mean(0)
             assert torch.allclose(got[key][j], target, rtol=1e-3, atol=1e-4), key
+
+
+def test_weight_merge_of_different_runs_never_lowers_its_objective_and_ends():
+    states = [_mlp(s, width=64).state_dict() for s in range(5)]
+    spec = permutation_spec(_mlp(0, width=64))
+    _, _, info = merge_many(spec, states, "weight", {"max_sweeps": 100, "seed": 0},
+                            max_passes=30)
+    passes = info["objective"][1:]  # after the initial alignment to run 0
+    assert info["converged"], info
+    assert all(b >= a - 1e-9 * abs(a) for a, b in zip(passes, passes[1:])), passes
