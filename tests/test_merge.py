@@ -79,14 +79,15 @@ def test_planted_permutations_are_recovered(k):
     assert not torch.allclose(merged(x), model(x), atol=1e-2)
 
 
-@pytest.mark.parametrize("matcher", ["weight", "activation"])
+@pytest.mark.parametrize("matcher", ["weight", "activation", "commutativity"])
 def test_self_merge_changes_nothing(matcher):
     model = _mlp(0)
     spec = permutation_spec(model)
     state = model.state_dict()
     data = _data()
     options = {"max_sweeps": 100, "seed": 0, "batches": 1, "batch_size": 64,
-               "cost": "correlation", "residual": "pooled"}
+               "cost": "correlation", "residual": "pooled", "commutativity_start": "weight",
+               "commutativity_cycles": 8}
 
     def prepare(s):
         m = _mlp(9)
