@@ -20,6 +20,7 @@ include: "workflow/rules/analyses.smk"
 include: "workflow/rules/layerwise.smk"
 include: "workflow/rules/federated.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/merge.smk"
 include: "workflow/rules/figures.smk"
 
 

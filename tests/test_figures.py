@@ -157,7 +157,7 @@ def _run(fig, table, tmp_path, name):
 
 
 def test_registry_has_all_figures():
-    assert list(FIGURES) == [f"fig{i}" for i in range(1, 19)]
+    assert list(FIGURES) == [f"fig{i}" for i in range(1, 20)]
     assert all(callable(f) for f in FIGURES.values())
 
 

@@ -443,6 +443,9 @@ def _check_experiment(name: str, exp: dict, builtins: list[str] = ()) -> None:
                               "activation_matching, commutativity_matching")
         if exp["pairs"] != 1:
             raise ConfigError(f"config key {where}.pairs: runs: names one pair, set pairs: 1")
+        if exp["merge"]["k"]:
+            raise ConfigError(f"config key {where}.merge.k: merging needs runs the workflow "
+                              "trains (seed{s}); runs: brings two files")
     if "spawning" in exp["methods"] and not exp["spawn_epoch"] < train["epochs"]:
         raise ConfigError(
             f"config key {where}.spawn_epoch: {exp['spawn_epoch']} must be below "
@@ -464,6 +467,12 @@ def _check_experiment(name: str, exp: dict, builtins: list[str] = ()) -> None:
 MIN_CLASS_SAMPLES = {"mnist5k": 400, "mnist": 5421, "fashion_mnist": 6000, "cifar10": 5000}
 IMAGE_SHAPES = {"mnist5k": (1, 28, 28), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28),
                 "cifar10": (3, 32, 32)}
+
+
+def merge_runs(exp: dict) -> list[str]:
+    """The independent runs an experiment's merges need: seed{S}..seed{S + max(k) - 1}."""
+    k = max(exp["merge"]["k"], default=0)
+    return [f"seed{exp['seed'] + i}" for i in range(k)]
 
 
 def federated_aggregations(exp: dict) -> list[str]:

@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(workflow.basedir, "workflow"))
 
 from lmcflow.config import (ConfigError, canonical, describe_params_change,
-                            federated_aggregations, finetune_methods, python_model_files)
+                            federated_aggregations, finetune_methods, merge_runs,
+                            python_model_files)
 from lmcflow import finetune_plan as finetune
 from lmcflow.pairs import (FINETUNE_METHODS, METHODS, PERMUTATION_METHODS, get_method, pair_index,
                            pair_name, pair_runs)
@@ -98,10 +99,12 @@ def _swept_somewhere():
 FINETUNE = any(finetune_methods(e) for e in EXPERIMENTS.values())
 CROSS_TASK = any(m.startswith("finetune_cross_task") for e in EXPERIMENTS.values()
                  for m in e["methods"])
+MERGE_EXPERIMENTS = [name for name, e in EXPERIMENTS.items() if e["merge"]["k"]]
 FIGURES = [results(f"figures/fig{n}.pdf")
            for n in (*range(1, 7), *(range(7, 12) if LAYERWISE else ()), 12,
                      *((13,) if _swept_somewhere() else ()), 14, *((15,) if FEDERATED else ()),
-                     *((16, 17) if CROSS_TASK else ()), *((18,) if FINETUNE else ()))]
+                     *((16, 17) if CROSS_TASK else ()), *((18,) if FINETUNE else ()),
+                     *((19,) if MERGE_EXPERIMENTS else ()))]
 ENV = "../../envs/lmcflow.yaml"
 
 
@@ -405,3 +408,19 @@ def finetune_tables(table):
                 for name, e in EXPERIMENTS.items() for start in finetune.averaging_starts(e)]
     return [results(f"{name}/pairs/{method}/{pair}/{table}.parquet") for name, method, pair in all_pairs()
             if method.startswith("finetune_cross_task")]
+
+
+def get_merge_many_input(wildcards):
+    """The independent runs seed{S}..seed{S + max(merge.k) - 1}, in that order."""
+    return [results(f"{wildcards.experiment}/runs/{run}/final.pt")
+            for run in merge_runs(exp(wildcards))]
+
+
+def merge_many_params(wildcards):
+    e = exp(wildcards)
+    return canonical({"data": e["data"], "model": e["model"], "device": e["device"],
+                      "seed": e["seed"], "merge": e["merge"], "matching": e["matching"],
+                      "runs": merge_runs(e), "model_code": model_files(e),
+                      "lmc": {k: e["lmc"][k] for k in ("policies", "batch_size", "repair_logits")},
+                      "llfc": {k: e["llfc"][k] for k in ("probe_size", "batch_size",
+                                                         "first_feature")}})

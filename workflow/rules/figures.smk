@@ -21,6 +21,7 @@ TABLE_OF_FIGURE = {
     "fig16": "ctl",
     "fig17": "task_arithmetic",
     "fig18": "averaging",
+    "fig19": "merge",
 }
 
 
