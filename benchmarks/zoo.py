@@ -96,6 +96,9 @@ def _build(source: str, name: str, extra: dict) -> tuple[nn.Module, int, dict]:
                     raise
                 sized, kwargs = False, dict(extra)
                 model = factory(num_classes=NUM_CLASSES, **kwargs).eval()
+            except (AssertionError, ValueError) as e:  # this size refused (ViT-H/14 at 64)
+                last = e
+                continue
         try:
             with torch.no_grad():
                 out = model(torch.zeros(1, 3, size, size))
