@@ -104,7 +104,7 @@ def test_no_open_figures_left(lmc, llfc, tmp_path):
 
 def test_bn_mode_is_chosen_per_experiment():
     """An experiment without BatchNorm ("none") keeps its rows beside one with two modes."""
-    from lmcflow.figures import _one_bn_mode
+    from lmcflow.figures.layout import _one_bn_mode
 
     df = pd.DataFrame({"experiment": ["mlp", "vgg", "vgg"], "bn": ["none", "reset", "interpolate"],
                        "loss": [1.0, 2.0, 3.0]})
@@ -162,10 +162,10 @@ def test_registry_has_all_figures():
 
 
 def test_method_and_layer_order():
-    assert figures._methods(["zzz", "weight_matching", "naive", "activation_matching", np.nan]) == [
+    assert figures.layout._methods(["zzz", "weight_matching", "naive", "activation_matching", np.nan]) == [
         "naive", "weight_matching", "activation_matching", "zzz"]
     df = pd.DataFrame({"layer": ["fc2", "fc10", "fc1", "fc2"], "layer_index": [1, 2, 0, 1]})
-    assert figures._layer_order(df) == ["fc1", "fc2", "fc10"]
+    assert figures.layout._layer_order(df) == ["fc1", "fc2", "fc10"]
 
 
 def test_alignment_table_matches_barriers():
@@ -397,13 +397,16 @@ def _synthetic_tables(layers=DEEP):
 def _capture(monkeypatch):
     """Record the figures each figure function saves (they are closed, not destroyed)."""
     saved = []
-    original = figures._save
+    original = figures.layout._save
 
     def save(figs, out_pdf):
         saved.extend([figs] if isinstance(figs, matplotlib.figure.Figure) else figs)
         original(figs, out_pdf)
 
-    monkeypatch.setattr(figures, "_save", save)
+    for module in (figures.layout, figures.layerwise, figures.pairs, figures.across,
+                   figures.finetune, figures.merge):
+        if hasattr(module, "_save"):
+            monkeypatch.setattr(module, "_save", save)
     return saved
 
 
@@ -495,13 +498,13 @@ def test_fig_linear_toy_into_a_and_b_are_separate_series(tmp_path, monkeypatch):
             if into and not line.get_label().startswith("_"):
                 series[(into, line.get_label().split(":")[0])] = (line.get_ydata(),
                                                                   line.get_label())
-    layer1, layer2 = figures.TOY_LABELS["layer1"], figures.TOY_LABELS["layer2"]
+    layer1, layer2 = figures.layout.TOY_LABELS["layer1"], figures.layout.TOY_LABELS["layer2"]
     assert {k for k, _ in series} == {"a", "b"} and len(series) == 6  # full + 2 layers, each
     assert not np.allclose(series[("a", layer1)][0], series[("b", layer1)][0])
     assert not np.allclose(series[("a", layer2)][0], series[("b", layer2)][0])
     assert series[("a", layer1)][1].endswith("16.00") and series[("a", layer2)][1].endswith("0.20")
     assert series[("b", layer1)][1].endswith("0.20") and series[("b", layer2)][1].endswith("16.00")
-    assert series[("a", figures.TOY_LABELS["full"])][1].endswith("3.16")
+    assert series[("a", figures.layout.TOY_LABELS["full"])][1].endswith("3.16")
 
 
 def test_fig_federated_fits_a_page_and_reads_rounds(tmp_path):
