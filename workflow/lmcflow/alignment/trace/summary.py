@@ -47,9 +47,18 @@ def _permuted(entry) -> bool:
     return entry is not None
 
 
+def _whole(entry):
+    """A view axis entry as the lost-axis report reads it: a concatenated axis counts as
+    permuted only when every stretch is (a fixed stretch is reported, though the axis's
+    other units move and count in the permuted share)."""
+    if isinstance(entry, tuple):
+        return entry if all(g is not None for g, _ in entry) else None
+    return entry
+
+
 def _stored_axis_groups(spec: PermutationSpec, key: str, axis: int) -> list[str | None]:
     """The groups of the view axes that make up stored axis ``axis`` of ``key``."""
-    shape, ax = spec.shapes[key], [e if _permuted(e) else None for e in spec.entries(key)]
+    shape, ax = spec.shapes[key], [_whole(e) for e in spec.entries(key)]
     view = spec.reshape.get(key, shape)
     j = 0
     for i, n in enumerate(shape):
