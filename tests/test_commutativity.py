@@ -21,12 +21,7 @@ from lmcflow.pairs import METHODS, PERMUTATION_METHODS
 import test_matching as tm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def model(arch, kwargs, seed=0, classes=tm.NUM_CLASSES):

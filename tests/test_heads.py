@@ -17,12 +17,7 @@ from lmcflow.alignment.weight import _factor_groups
 from lmcflow.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def planted(spec, state, seed, noise=1e-3):

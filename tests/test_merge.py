@@ -11,12 +11,7 @@ from lmcflow.data import Data, MNIST_MEAN, MNIST_STD
 from lmcflow.models import build_model, feature_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def _mlp(seed, width=32):
